@@ -1,0 +1,1 @@
+"""The `seqssm` command line (Typer). Thin: parses options, calls seqssm.pipelines."""

@@ -1,0 +1,26 @@
+"""Errors a user can cause and fix. The CLI prints them as one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class SeqssmError(Exception):
+    """Base class of every error that is the user's to fix (bad input, bad option, missing file).
+
+    Anything else escaping to the CLI is a bug and keeps its traceback.
+    """
+
+
+class InputError(SeqssmError):
+    """A malformed input file. The message names the file and, where known, the record and line."""
+
+    def __init__(self, path, message: str, *, record: str | None = None, line: int | None = None):
+        self.path = str(path)
+        self.record = record
+        self.line = line
+        where = [self.path]
+        if record is not None:
+            where.append(f"record '{record}'")
+        if line is not None:
+            where.append(f"line {line}")
+        super().__init__(f"{', '.join(where)}: {message}")
+        self.reason = message

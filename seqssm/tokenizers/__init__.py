@@ -1,0 +1,3 @@
+from seqssm.tokenizers.dna import DNATokenizer
+
+__all__ = ["DNATokenizer"]
