@@ -58,5 +58,6 @@ def _main(
 
 # Commands live one per module and register themselves on `app`.
 from seqssm.cli import embed as _embed  # noqa: E402,F401
+from seqssm.cli import examples as _examples  # noqa: E402,F401
 from seqssm.cli import models as _models  # noqa: E402,F401
 from seqssm.cli import pretrain as _pretrain  # noqa: E402,F401
