@@ -1,0 +1,562 @@
+"""`seqssm pretrain`: FASTA -> held-out split -> HyenaDNA next-base training -> a seqssm model directory.
+
+Output directory (``-o OUT``)::
+
+    OUT/run.json                 the run's settings and status ("running" / "finished")
+    OUT/checkpoints/step-N/      the latest checkpoint (a loadable model dir + optimizer.pt + trainer_state.json)
+    OUT/checkpoints/LATEST       name of the latest complete checkpoint
+    OUT/metrics.jsonl            one JSON line per step ("kind": "train") and per evaluation ("kind": "eval")
+    OUT/curves.png               loss / perplexity curves, refreshed at each evaluation
+    OUT/markov_baseline.json     the k-mer baseline on the same split (unless --no-markov-baseline)
+    OUT/config.json, model.safetensors, tokenizer.json, training.json
+                                 the final model (written when max_steps is reached), so
+                                 ``load_model(OUT)`` works; copy those four files to bundle it.
+
+A run can be cut at any moment and continued with ``resume=True`` (the same command plus
+``--resume``); with ``max_minutes`` / ``max_steps_this_run`` an invocation stops by itself after
+saving a checkpoint, which is how a long run is spread over several time-limited jobs. The
+settings that define the run (model, data, split, optimisation) are fixed when it starts; a
+resumed invocation may change only max_steps (which reshapes the cosine tail), the evaluation
+and checkpoint intervals, the device and the time budget.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from seqssm import __version__
+from seqssm.errors import SeqssmError
+from seqssm.tokenizers.dna import DNATokenizer
+from seqssm.training.data import SHARED_CONTEXT, DataSplit, load_split
+from seqssm.training.lm import (
+    METRICS,
+    Callbacks,
+    StopRule,
+    TrainConfig,
+    Trainer,
+    latest_checkpoint,
+    read_checkpoint_state,
+    resolve_device,
+)
+
+RUN_FILE = "run.json"
+MARKOV_FILE = "markov_baseline.json"
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training.json")
+
+# Defaults of a fresh run: a small HyenaDNA that trains on one GPU in tens of minutes.
+MODEL_DEFAULTS = {"d_model": 256, "n_layer": 4, "d_inner": None}
+TRAIN_DEFAULTS = TrainConfig(
+    seq_len=1024, batch_size=64, grad_accum=1, lr=1e-3, min_lr=1e-4, warmup_steps=300, max_steps=10000,
+    weight_decay=0.1, grad_clip=1.0, eval_every=500, save_every=500, seed=0,
+)
+# Settings a resumed run may change; every other one must match the run being resumed.
+_MUTABLE = {"max_steps", "eval_every", "save_every", "eval_batch_size", "eval_max_windows", "keep_checkpoints",
+            "log_every"}
+
+
+@dataclass
+class PretrainOptions:
+    """Everything `seqssm pretrain` takes. ``None`` means: the default (fresh run), the --init
+    model's value (architecture), or the resumed run's value."""
+
+    fasta: list = field(default_factory=list)
+    output: Path | str = "pretrain-out"
+    d_model: int | None = None
+    n_layer: int | None = None
+    d_inner: int | None = None
+    seq_len: int | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    max_steps: int | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
+    eval_every: int | None = None
+    save_every: int | None = None
+    seed: int | None = None
+    eval_batch_size: int | None = None
+    eval_max_windows: int | None = None
+    keep_checkpoints: int | None = None
+    valid_regions: list = field(default_factory=list)
+    valid_files: list = field(default_factory=list)
+    device: str = "auto"
+    resume: bool = False
+    force: bool = False
+    max_minutes: float | None = None
+    max_steps_this_run: int | None = None
+    init: str | None = None
+    markov_baseline: bool = True
+    compile: bool = False
+    quiet: bool = False
+    command: str | None = None  # recorded in training.json; default: sys.argv
+
+
+@dataclass
+class PretrainSummary:
+    output: Path
+    finished: bool
+    reason: str
+    step: int
+    max_steps: int
+    tokens_seen: int
+    seconds: float
+    device: str
+    parameters: int
+    resumed_from: int | None = None
+    heldout: dict | None = None
+    markov: dict | None = None
+    split_rule: str = ""
+    train_bases: int = 0
+    valid_bases: int = 0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _fingerprint(paths) -> list[dict]:
+    out = []
+    for p in paths:
+        p = Path(p)
+        out.append({"name": p.name, "size": p.stat().st_size if p.exists() else None})
+    return out
+
+
+def _split_signature(split: DataSplit) -> dict:
+    d = split.description
+    return {"records": d["records"], "train": [s["region"] for s in d["train"]],
+            "valid": [(Path(s["file"]).name, s["region"]) for s in d["valid"]], "seq_len": d["seq_len"]}
+
+
+def _prepare_output(out: Path, *, resume: bool, force: bool) -> dict | None:
+    """Check the output directory; return the saved run.json when there is a run to resume."""
+    if out.exists() and not out.is_dir():
+        raise SeqssmError(f"{out} exists and is not a directory")
+    run_file = out / RUN_FILE
+    saved = json.loads(run_file.read_text()) if run_file.is_file() else None
+    if out.exists() and saved is None and any(out.iterdir()):
+        raise SeqssmError(f"{out} exists, is not empty and holds no seqssm pretrain run ({RUN_FILE}); "
+                          "choose a new output directory")
+    if saved is None:
+        return None
+    if force:
+        shutil.rmtree(out)
+        return None
+    if resume:
+        return saved
+    if saved.get("status") == "finished":
+        raise SeqssmError(f"{out} already holds a finished model (step {saved.get('step')}); use --force to "
+                          "overwrite it, or --resume with a larger --max-steps to train it further")
+    raise SeqssmError(f"{out} holds an unfinished run; use --resume to continue it or --force to start over")
+
+
+def _resolve(opts: PretrainOptions, saved: dict | None, init_config: dict | None) -> tuple[dict, TrainConfig]:
+    """Model settings and the TrainConfig of this invocation."""
+    given_train = {k: getattr(opts, k) for k in TrainConfig.__dataclass_fields__ if getattr(opts, k, None) is not None}
+    given_model = {k: getattr(opts, k) for k in MODEL_DEFAULTS if getattr(opts, k) is not None}
+    if saved is not None:
+        base = TrainConfig.from_dict(saved["train_config"])
+        conflicts = [f"--{k.replace('_', '-')} {v} (the run has {getattr(base, k)})"
+                     for k, v in given_train.items() if k not in _MUTABLE and v != getattr(base, k)]
+        mc = saved["model_config"]
+        conflicts += [f"--{k.replace('_', '-')} {v} (the run has {mc.get(k)})"
+                      for k, v in given_model.items() if v != mc.get(k)]
+        if conflicts:
+            raise SeqssmError("cannot resume with different settings: " + "; ".join(conflicts) +
+                              "; drop them, or use --force to start over")
+        for k, v in given_train.items():
+            setattr(base, k, v)
+        return dict(mc), base
+    cfg = TrainConfig.from_dict({**TRAIN_DEFAULTS.to_dict(), **given_train})
+    if init_config is not None:
+        conflicts = [f"--{k.replace('_', '-')} {v} (the --init model has {init_config.get(k)})"
+                     for k, v in given_model.items() if v != init_config.get(k)]
+        if conflicts:
+            raise SeqssmError("architecture options conflict with --init: " + "; ".join(conflicts))
+        if opts.seq_len is None:
+            cfg.seq_len = min(cfg.seq_len, int(init_config["max_seq_len"]))
+        if cfg.seq_len > int(init_config["max_seq_len"]):
+            raise SeqssmError(f"--seq-len {cfg.seq_len} exceeds the --init model's maximum length "
+                              f"{init_config['max_seq_len']}")
+        return dict(init_config), cfg
+    model = {**MODEL_DEFAULTS, **given_model}
+    for k in ("d_model", "n_layer"):
+        if model[k] < 1:
+            raise SeqssmError(f"--{k.replace('_', '-')} must be >= 1")
+    if model["d_inner"] is not None and model["d_inner"] < 1:
+        raise SeqssmError("--d-inner must be >= 1")
+    if model["d_inner"] is None:
+        model["d_inner"] = 4 * model["d_model"]
+    model["max_seq_len"] = cfg.seq_len
+    return model, cfg
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def command_line(opts: PretrainOptions) -> str:
+    """The `seqssm pretrain` command equivalent to ``opts`` (options left unset are omitted)."""
+    words = ["seqssm", "pretrain", *map(str, opts.fasta), "-o", str(opts.output)]
+    flags = ["d_model", "n_layer", "d_inner", "seq_len", "batch_size", "grad_accum", "lr", "min_lr",
+             "warmup_steps", "max_steps", "weight_decay", "grad_clip", "eval_every", "eval_max_windows",
+             "save_every", "seed", "max_minutes", "max_steps_this_run", "init"]
+    for name in flags:
+        v = getattr(opts, name)
+        if v is not None:
+            words += [f"--{name.replace('_', '-')}", str(v)]
+    for r in opts.valid_regions:
+        words += ["--valid-region", str(r)]
+    for f in opts.valid_files:
+        words += ["--valid-file", str(f)]
+    if opts.device != "auto":
+        words += ["--device", opts.device]
+    for name, on in (("resume", opts.resume), ("force", opts.force), ("compile", opts.compile),
+                     ("no-markov-baseline", not opts.markov_baseline)):
+        if on:
+            words.append(f"--{name}")
+    return " ".join(shlex.quote(w) for w in words)
+
+
+# ----------------------------------------------------------------------------- UI
+
+
+class _Display(Callbacks):
+    """Rich progress bar on stderr (interactive) or plain log lines (logs, pipes)."""
+
+    def __init__(self, console, *, quiet: bool, baseline: dict | None):
+        self.console = console
+        self.quiet = quiet
+        self.baseline = baseline
+        self.progress = None
+        self.task = None
+        self.interactive = console.is_terminal and not quiet
+        self._t0 = time.monotonic()
+        self._tokens0 = 0
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            (self.progress.console if self.progress else self.console).print(msg, highlight=False, soft_wrap=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+        return False
+
+    def on_start(self, tr: Trainer) -> None:
+        self._tokens0 = tr.tokens_seen
+        self._t0 = time.monotonic()
+        if not self.interactive:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  ppl {task.fields[ppl]}  {task.fields[tps]} tok/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("pretrain", total=tr.cfg.max_steps, completed=tr.step,
+                                           loss="-", ppl="-", tps="-")
+
+    def on_step(self, tr: Trainer, rec: dict) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=rec["step"], loss=f"{rec['loss']:.4f}", ppl=f"{rec['ppl']:.3f}",
+                                 tps=f"{rec['tokens_per_s']:,.0f}")
+        elif not self.quiet and (rec["step"] % max(tr.cfg.log_every, 1) == 0 or rec["step"] == 1):
+            el = time.monotonic() - self._t0
+            rate = (tr.tokens_seen - self._tokens0) / el if el > 0 else 0.0
+            self.log(f"step {rec['step']}/{tr.cfg.max_steps}  loss {rec['loss']:.4f}  ppl {rec['ppl']:.4f}  "
+                     f"lr {rec['lr']:.3g}  {rate:,.0f} tok/s  {el:.0f} s")
+
+    def on_eval(self, tr: Trainer, rec: dict) -> None:
+        extra = ""
+        if self.baseline:
+            extra = f"  (best Markov k={self.baseline['best']['k']}: {self.baseline['best']['ppl']:.4f})"
+        part = "" if rec.get("full") else f" [{rec['val_windows']} windows]"
+        self.log(f"[cyan]eval[/] step {rec['step']}{part}: held-out ppl {rec['val_ppl']:.4f} (ACGT targets), "
+                 f"{rec['val_shared_ppl']:.4f} (shared set){extra}")
+
+    def on_checkpoint(self, tr: Trainer, path: Path) -> None:
+        if not self.interactive:
+            self.log(f"checkpoint {path}")
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run_pretrain(opts: PretrainOptions, console=None) -> PretrainSummary:
+    """Train (or continue training) a HyenaDNA next-base model; see the module docstring."""
+    from rich.console import Console
+
+    from seqssm.models import HyenaConfig, HyenaDNAForCausalLM, count_parameters, load_model
+
+    t_start = time.monotonic()
+    console = console or Console(stderr=True)
+    out = Path(opts.output).expanduser()
+    if opts.max_minutes is not None and opts.max_minutes <= 0:
+        raise SeqssmError("--max-minutes must be > 0")
+    if opts.max_steps_this_run is not None and opts.max_steps_this_run < 1:
+        raise SeqssmError("--max-steps-this-run must be >= 1")
+    saved = _prepare_output(out, resume=opts.resume, force=opts.force)
+    ckpt = latest_checkpoint(out) if saved is not None else None
+    device = resolve_device(opts.device)
+
+    # Data and settings.
+    if saved is not None:
+        fasta = [Path(p) for p in (opts.fasta or saved["fasta"])]
+        valid_regions = list(opts.valid_regions or saved.get("valid_regions", []))
+        valid_files = [Path(p) for p in (opts.valid_files or saved.get("valid_files", []))]
+        if _fingerprint(fasta) != saved["fasta_fingerprint"]:
+            raise SeqssmError("cannot resume: the training FASTA files differ from the run's "
+                              f"({', '.join(f['name'] for f in saved['fasta_fingerprint'])})")
+        if _fingerprint(valid_files) != saved.get("valid_files_fingerprint", []):
+            raise SeqssmError("cannot resume: the --valid-file files differ from the run's")
+        if opts.init and opts.init != saved.get("init"):
+            raise SeqssmError("cannot resume with a different --init; use --force to start over")
+        # no checkpoint yet (cut during the first interval): start again from the run's own settings
+        init_loaded = load_model(saved["init"], device="cpu") if ckpt is None and saved.get("init") else None
+    else:
+        fasta = [Path(p) for p in opts.fasta]
+        valid_regions = list(opts.valid_regions)
+        valid_files = [Path(p) for p in opts.valid_files]
+        if not fasta:
+            raise SeqssmError("no training FASTA given")
+        init_loaded = load_model(opts.init, device="cpu") if opts.init else None
+    model_settings, cfg = _resolve(opts, saved, init_loaded.config.to_dict() if init_loaded is not None else None)
+    cfg.validate()
+    if saved is not None and saved.get("status") == "finished" and ckpt is not None \
+            and cfg.max_steps <= int(saved.get("step", 0)):
+        ho = saved.get("heldout")
+        msg = f"{out}: already finished at step {saved.get('step')}; give a larger --max-steps to train further"
+        if not opts.quiet:
+            console.print(msg, highlight=False, soft_wrap=True)
+        markov = json.loads((out / MARKOV_FILE).read_text()) if (out / MARKOV_FILE).is_file() else None
+        return PretrainSummary(
+            output=out, finished=True, reason="already finished", step=int(saved.get("step", 0)),
+            max_steps=cfg.max_steps, tokens_seen=int(read_checkpoint_state(ckpt).get("tokens_seen", 0)),
+            seconds=time.monotonic() - t_start, device="-", parameters=int(saved.get("parameters", 0)),
+            resumed_from=int(saved.get("step", 0)), heldout=ho, markov=markov, split_rule=saved.get("split_rule", ""),
+        )
+
+    split = load_split(fasta, seq_len=cfg.seq_len, valid_regions=valid_regions, valid_files=valid_files)
+    if saved is not None and saved.get("split_signature") != json.loads(json.dumps(_split_signature(split))):
+        raise SeqssmError("cannot resume: the held-out split differs from the run's (same files and "
+                          "--valid-region/--valid-file are needed); use --force to start over")
+
+    # The model.
+    if init_loaded is not None:
+        model = init_loaded.model
+        model.train()
+    else:
+        try:
+            hcfg = HyenaConfig.from_dict(model_settings)
+        except (TypeError, ValueError) as e:
+            raise SeqssmError(f"bad model settings: {e}") from None
+        torch.manual_seed(cfg.seed)
+        model = HyenaDNAForCausalLM(hcfg)
+    tokenizer = DNATokenizer(model_max_length=int(model.config.max_seq_len))
+    n_params = count_parameters(model)
+
+    command = opts.command or command_line(opts)
+    out.mkdir(parents=True, exist_ok=True)
+    run = dict(saved or {})
+    run.update({
+        "status": "running",
+        "seqssm_version": __version__,
+        "fasta": [str(p) for p in fasta],
+        "fasta_fingerprint": _fingerprint(fasta),
+        "valid_regions": valid_regions,
+        "valid_files": [str(p) for p in valid_files],
+        "valid_files_fingerprint": _fingerprint(valid_files),
+        "init": run.get("init", opts.init),
+        "model_config": model.config.to_dict(),
+        "train_config": cfg.to_dict(),
+        "split_signature": _split_signature(split),
+        "split_rule": split.description["rule"],
+        "parameters": n_params,
+        "created": run.get("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
+        "commands": run.get("commands", []) + [command],
+    })
+    _atomic_json(out / RUN_FILE, run)
+
+    display = _Display(console, quiet=opts.quiet, baseline=None)
+    display.log(f"data: {split.train_bases:,} training bases in {len(split.train)} stretch(es); "
+                f"{split.valid_bases:,} held-out bases ({split.description['rule']})")
+
+    # The Markov baseline on exactly this split (cached).
+    markov = None
+    if opts.markov_baseline:
+        markov = _markov_baseline(out, split, cfg.seq_len, display)
+        display.baseline = markov
+
+    trainer = Trainer(model, split, cfg, run_dir=out, device=device, tokenizer=tokenizer,
+                      extra_state={"init": run.get("init")}, callbacks=display,
+                      plot_baseline=(lambda: markov["best"]["ppl"]) if markov else None)
+    if opts.compile:
+        trainer.forward_model = torch.compile(trainer.model)
+    resumed_from = None
+    if ckpt is not None:
+        st = trainer.resume(ckpt)
+        resumed_from = trainer.step
+        display.log(f"resumed from {ckpt} (step {st['step']}, {st.get('tokens_seen', 0):,} tokens seen)")
+    elif saved is not None:
+        (out / METRICS).unlink(missing_ok=True)  # written by an invocation cut before its first checkpoint
+        display.log("no checkpoint yet: starting from step 0")
+    display.log(f"model: HyenaDNA d_model {model.config.d_model}, {model.config.n_layer} layers, "
+                f"{n_params:,} parameters; device {_device_name(device)}"
+                f"{' (bf16 autocast)' if device.type == 'cuda' else ''}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    stop = StopRule(max_minutes=opts.max_minutes, max_steps_this_run=opts.max_steps_this_run, started=t_start)
+    with display:
+        outcome = trainer.fit(stop)
+
+    heldout = None
+    if outcome.finished:
+        ev = outcome.last_eval or trainer.evaluate(full=True)
+        heldout = {
+            "perplexity": ev["val_ppl"],
+            "loss": ev["val_loss"],
+            "targets": ev["val_targets"],
+            "shared_perplexity": ev["val_shared_ppl"],
+            "shared_loss": ev["val_shared_loss"],
+            "shared_targets": ev["val_targets_shared"],
+            "windows": ev["val_windows"],
+            "definition": (f"exp(mean NLL per predicted base) over non-overlapping {cfg.seq_len} bp windows of "
+                           "the held-out data; 'perplexity': every A/C/G/T target (N targets ignored); "
+                           f"'shared_perplexity': A/C/G/T targets whose {SHARED_CONTEXT} preceding bases in "
+                           "the window are A/C/G/T, the Markov baseline's position set"),
+        }
+        info = _training_info(run, split, cfg, trainer, heldout, markov, device, n_params, command)
+        _write_final_model(out, model, tokenizer, info)
+        run.update(status="finished", step=outcome.step, heldout=heldout)
+        _atomic_json(out / RUN_FILE, run)
+        display.log(f"[green]finished[/]: model written to {out}")
+    else:
+        run.update(status="running", step=outcome.step)
+        _atomic_json(out / RUN_FILE, run)
+        display.log(f"[yellow]stopped[/] at step {outcome.step}/{cfg.max_steps}: {outcome.reason}; "
+                    f"checkpoint {outcome.checkpoint}; run again with --resume to continue")
+    return PretrainSummary(
+        output=out, finished=outcome.finished, reason=outcome.reason, step=outcome.step, max_steps=cfg.max_steps,
+        tokens_seen=outcome.tokens_seen, seconds=time.monotonic() - t_start, device=_device_name(device),
+        parameters=n_params, resumed_from=resumed_from, heldout=heldout, markov=markov,
+        split_rule=split.description["rule"], train_bases=split.train_bases, valid_bases=split.valid_bases,
+    )
+
+
+def _markov_baseline(out: Path, split: DataSplit, seq_len: int, display: _Display) -> dict:
+    from seqssm.training.data import target_masks, validation_windows
+    from seqssm.training.markov import markov_baseline
+
+    path = out / MARKOV_FILE
+    sig = _split_signature(split)
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("split_signature") == json.loads(json.dumps(sig)):
+            return cached
+    display.log("fitting the Markov baseline (k = 0..10) on the training bases ...")
+    windows = validation_windows(split.valid, seq_len)
+    _, shared = target_masks(windows)
+    res = markov_baseline([s.ids for s in split.train], windows, shared)
+    res["split_signature"] = sig
+    _atomic_json(path, res)
+    per_k = ", ".join(f"{o['k']}: {o['ppl']:.4f}" for o in res["orders"])
+    display.log(f"Markov baseline held-out perplexity by order ({res['positions']:,} positions, "
+                f"{res['seconds']:.1f} s): {per_k}; best k={res['best']['k']} {res['best']['ppl']:.4f}")
+    return res
+
+
+def _training_info(run, split, cfg, trainer, heldout, markov, device, n_params, command) -> dict:
+    desc = split.description
+    names = ", ".join(f["name"] for f in run["fasta_fingerprint"])
+    info = {
+        "task": "next-base causal language model (HyenaDNA), seqssm pretrain",
+        "training_data": {
+            "files": names,
+            "held_out": desc["rule"],
+            "train_bases": desc["train_bases"],
+            "valid_bases": desc["valid_bases"],
+        },
+        "heldout": heldout,
+        "training": {
+            "steps": trainer.step,
+            "tokens_seen": trainer.tokens_seen,
+            "seq_len": cfg.seq_len,
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "lr": cfg.lr,
+            "min_lr": cfg.min_lr,
+            "warmup_steps": cfg.warmup_steps,
+            "weight_decay": cfg.weight_decay,
+            "seed": cfg.seed,
+            "device": _device_name(device),
+            "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+            "train_seconds": round(trainer.train_seconds, 1),
+            "parameters": n_params,
+            "init": run.get("init"),
+        },
+        "train_config": cfg.to_dict(),
+        "split": desc,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "commands": run.get("commands", []),
+        "seqssm_version": __version__,
+    }
+    if markov is not None:
+        info["markov_baseline"] = {
+            "best_k": markov["best"]["k"],
+            "best_perplexity": markov["best"]["ppl"],
+            "perplexity_by_k": {str(o["k"]): round(o["ppl"], 5) for o in markov["orders"]},
+            "laplace_perplexity_by_k": {str(o["k"]): round(o["ppl_laplace"], 5) for o in markov["orders"]},
+            "positions": markov["positions"],
+            "position_set": markov["position_set"],
+            "smoothing": markov["smoothing"],
+        }
+        if heldout is not None:
+            info["markov_baseline"]["neural_shared_perplexity"] = heldout["shared_perplexity"]
+            info["markov_baseline"]["neural_beats_best_k"] = heldout["shared_perplexity"] < markov["best"]["ppl"]
+    return info
+
+
+def _write_final_model(out: Path, model, tokenizer, info: dict) -> None:
+    """save_model into a fresh directory beside OUT's files, then move the four files into OUT
+    (training.json last: its presence marks a complete model)."""
+    from seqssm.models import save_model
+
+    tmp = out / f".final-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (out / "training.json").unlink(missing_ok=True)
+    save_model(model, tmp, tokenizer=tokenizer, info=info)
+    for name in MODEL_FILES:
+        if (tmp / name).exists():
+            os.replace(tmp / name, out / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in out.glob(".final-*"):
+        shutil.rmtree(stale, ignore_errors=True)

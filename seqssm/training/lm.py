@@ -1,0 +1,610 @@
+"""Next-base language-model training: schedule, loop, evaluation, checkpoints, metrics.
+
+Objective: a causal model reads a window of ``seq_len`` ids and predicts base t from bases
+0..t-1; cross-entropy over the model's whole vocabulary, averaged over the targets that are
+A, C, G or T (targets that are N or PAD are ignored). With gradient accumulation the loss of a
+step is the mean over every counted target of all its micro-batches.
+
+Optimizer: AdamW; weight decay applies to matrices only (parameters whose every dimension is
+> 1), never to biases, gains, or the filter's sine frequencies. Learning rate: linear warm-up
+over ``warmup_steps`` to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``.
+On CUDA the forward runs under bf16 autocast (weights and optimizer state stay float32); on
+CPU everything is float32.
+
+Checkpoints: ``RUN/checkpoints/step-XXXXXXXX/`` is a seqssm model directory (config.json,
+model.safetensors, tokenizer.json, training.json: ``load_model`` reads it) plus ``optimizer.pt``
+(AdamW state and the torch/CUDA RNG states: plain tensors and dicts, readable with
+``torch.load(weights_only=True)``) and ``trainer_state.json`` (step, tokens seen, train config,
+model config, data split, last evaluation). The learning rate is a pure function of the step,
+so the schedule needs no state of its own. A checkpoint is written into a temporary
+directory and renamed into place, then ``RUN/checkpoints/LATEST`` is replaced atomically, so a
+job cut at any instant leaves the previous complete checkpoint. Batches are a pure function of
+(seed, step, micro-step), so a resumed run continues the same data stream; on CPU a run cut in
+two reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from seqssm.errors import SeqssmError
+from seqssm.training.data import DataSplit, WindowSampler, is_acgt, target_masks, validation_windows
+
+IGNORE = -100
+CHECKPOINTS = "checkpoints"
+LATEST = "LATEST"
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of the optimisation (the model's own config is separate)."""
+
+    seq_len: int = 1024
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 200
+    max_steps: int = 5000
+    weight_decay: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 500
+    save_every: int = 250
+    seed: int = 0
+    eval_batch_size: int | None = None  # default: batch_size
+    eval_max_windows: int | None = None  # periodic evals on an evenly spaced subset; the final eval is full
+    keep_checkpoints: int = 1
+    log_every: int = 50  # plain log lines when stderr is not a terminal
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "adam_betas" in kw:
+            kw["adam_betas"] = tuple(kw["adam_betas"])
+        return cls(**kw)
+
+    def validate(self) -> None:
+        checks = [
+            (self.seq_len >= 12, "--seq-len must be >= 12"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.grad_accum >= 1, "--grad-accum must be >= 1"),
+            (self.lr > 0, "--lr must be > 0"),
+            (0 <= self.min_lr <= self.lr, "--min-lr must be within 0..--lr"),
+            (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.max_steps >= 1, "--max-steps must be >= 1"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.eval_every >= 1, "--eval-every must be >= 1"),
+            (self.save_every >= 1, "--save-every must be >= 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise SeqssmError(msg)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min(max((step - cfg.warmup_steps) / span, 0.0), 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices (every dimension > 1), none on vectors and scalars."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and min(p.shape) > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    kw = {}
+    if device.type == "cuda":
+        kw["fused"] = True
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                             eps=cfg.adam_eps, **kw)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SeqssmError(f"--device {device!r}: not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SeqssmError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def next_base_targets(x: torch.Tensor) -> torch.Tensor:
+    """Targets for logits[:, :-1]: x[:, 1:], with every non-ACGT id (N, PAD, specials) ignored."""
+    y = x[:, 1:].long()
+    return torch.where((y >= 7) & (y <= 10), y, torch.full_like(y, IGNORE))
+
+
+def token_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-target NLL [B, L-1] in float32 (0 where the target is ignored)."""
+    lg = logits[:, :-1].float()
+    y = next_base_targets(x)
+    nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1), ignore_index=IGNORE, reduction="none")
+    return nll.view(y.shape)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    windows: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+    masks: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict:
+    """Held-out NLL/perplexity on fixed windows, on the ``acgt`` and the ``shared`` target sets.
+
+    See seqssm.training.data for the two sets; ``shared`` is the Markov baseline's.
+    """
+    was_training = model.training
+    model.eval()
+    acgt, shared = masks if masks is not None else target_masks(windows)
+    sums = {"acgt": 0.0, "shared": 0.0}
+    counts = {"acgt": int(acgt.sum()), "shared": int(shared.sum())}
+    try:
+        for i in range(0, len(windows), batch_size):
+            x = torch.from_numpy(windows[i:i + batch_size].astype(np.int64)).to(device, non_blocking=True)
+            with autocast_for(device):
+                logits = model(x)
+            nll = token_nll(logits, x).double().cpu().numpy()
+            sums["acgt"] += float(nll[acgt[i:i + batch_size]].sum())
+            sums["shared"] += float(nll[shared[i:i + batch_size]].sum())
+    finally:
+        model.train(was_training)
+    out = {"val_windows": int(len(windows)), "val_targets": counts["acgt"], "val_targets_shared": counts["shared"]}
+    for key, prefix in (("acgt", "val"), ("shared", "val_shared")):
+        loss = sums[key] / max(counts[key], 1)
+        out[f"{prefix}_loss"] = loss
+        out[f"{prefix}_ppl"] = math.exp(loss) if counts[key] else float("nan")
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    *,
+    tokenizer,
+    keep: int = 1,
+) -> Path:
+    """Write RUN/checkpoints/step-XXXXXXXX atomically, point LATEST at it, prune older ones.
+
+    The directory is a seqssm model directory (seqssm.models.save_model: config.json,
+    model.safetensors, tokenizer.json, training.json) plus optimizer.pt and trainer_state.json,
+    so ``load_model`` (and ``--init``) accept a checkpoint as it is.
+    """
+    from seqssm.models import save_model
+
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{int(state['step']):08d}"
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(model, tmp, tokenizer=tokenizer, info={"checkpoint": True, "step": state["step"],
+                                                        "tokens_seen": state.get("tokens_seen")})
+    torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+    if final.exists():  # the same step saved again
+        old = root / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _atomic_write_text(root / LATEST, name + "\n")
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
+    for old in steps[: max(len(steps) - (keep - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint LATEST points at (or the highest complete step-* directory)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    latest = root / LATEST
+    if latest.is_file():
+        p = root / latest.read_text().strip()
+        if (p / "trainer_state.json").is_file():
+            return p
+    done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+def read_checkpoint_state(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / "trainer_state.json").read_text())
+
+
+def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    device: torch.device) -> dict:
+    """Restore model weights, optimizer and RNG states in place; return the trainer state."""
+    from seqssm.models import load_model
+
+    ckpt = Path(ckpt)
+    loaded = load_model(ckpt, device="cpu")
+    try:
+        model.load_state_dict(loaded.model.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise SeqssmError(f"checkpoint {ckpt} does not match the model: {str(e).splitlines()[0]}") from None
+    try:
+        blob = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise SeqssmError(f"{ckpt / 'optimizer.pt'}: cannot read optimizer state: {e}") from None
+    if optimizer is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+    _set_rng_state(blob.get("rng", {}))
+    return read_checkpoint_state(ckpt)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per training step (``kind: train``) and per evaluation."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records written after ``step`` (work lost when a run was cut after its last checkpoint)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut mid-write
+            if int(rec.get("step", 0)) <= step:
+                keep.append(line)
+        _atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+    def append(self, rec: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+        return out
+
+
+def plot_curves(metrics_path: Path, png_path: Path, *, baseline_ppl: float | None = None) -> None:
+    """Training/validation loss and perplexity against step (matplotlib, Agg), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    recs = MetricsLog(metrics_path).read()
+    tr = [r for r in recs if r.get("kind") == "train"]
+    ev = [r for r in recs if r.get("kind") == "eval"]
+    if not tr and not ev:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if tr:
+        s = np.array([r["step"] for r in tr])
+        loss = np.array([r["loss"] for r in tr])
+        k = max(1, len(loss) // 100)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid") if k > 1 else loss
+        ax1.plot(s, loss, color="tab:blue", alpha=0.25, lw=0.8)
+        ax1.plot(s[len(s) - len(smooth):], smooth, color="tab:blue", label="train")
+        ax2.plot(s[len(s) - len(smooth):], np.exp(smooth), color="tab:blue", label="train")
+    if ev:
+        s = [r["step"] for r in ev]
+        ax1.plot(s, [r["val_loss"] for r in ev], "o-", color="tab:orange", label="held-out (ACGT targets)")
+        ax2.plot(s, [r["val_ppl"] for r in ev], "o-", color="tab:orange", label="held-out (ACGT targets)")
+        ax2.plot(s, [r["val_shared_ppl"] for r in ev], "s--", color="tab:green", label="held-out (shared set)")
+    if baseline_ppl:
+        ax2.axhline(baseline_ppl, color="tab:red", ls=":", label=f"best Markov ({baseline_ppl:.3f})")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss (nats per base)")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("perplexity")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(png_path).with_name(f".{Path(png_path).name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class StopRule:
+    """When this invocation stops early (the run itself is defined by TrainConfig.max_steps)."""
+
+    max_minutes: float | None = None
+    max_steps_this_run: int | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TrainOutcome:
+    step: int
+    finished: bool
+    reason: str
+    tokens_seen: int
+    last_eval: dict | None
+    checkpoint: Path | None
+
+
+class Callbacks:
+    """Hooks the pipeline uses for progress display; every method is optional."""
+
+    def on_start(self, trainer: "Trainer") -> None: ...
+    def on_step(self, trainer: "Trainer", rec: dict) -> None: ...
+    def on_eval(self, trainer: "Trainer", rec: dict) -> None: ...
+    def on_checkpoint(self, trainer: "Trainer", path: Path) -> None: ...
+
+
+class Trainer:
+    """Runs the optimisation of one run directory; resumable at any checkpoint."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        split: DataSplit,
+        cfg: TrainConfig,
+        *,
+        run_dir: Path,
+        device: torch.device,
+        tokenizer,
+        extra_state: dict | None = None,
+        callbacks: Callbacks | None = None,
+        plot_baseline: Callable[[], float | None] | None = None,
+        plot: bool = True,
+    ):
+        cfg.validate()
+        self.cfg = cfg
+        self.model = model.to(device)
+        self.forward_model = self.model  # may be replaced by a torch.compile'd wrapper of self.model
+        self.split = split
+        self.device = device
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = tokenizer
+        self.model_config = model.config.to_dict() if hasattr(model, "config") else {}
+        self.extra_state = dict(extra_state or {})
+        self.cb = callbacks or Callbacks()
+        self.plot_baseline = plot_baseline
+        self.plot = plot
+        self.sampler = WindowSampler(split.train, cfg.seq_len, cfg.seed)
+        self.val_windows = validation_windows(split.valid, cfg.seq_len)
+        if len(self.val_windows) == 0:
+            raise SeqssmError("the held-out data has no window with at least half of its bases A, C, G or T")
+        self.val_masks = target_masks(self.val_windows)
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.metrics = MetricsLog(self.run_dir / METRICS)
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        self.last_eval: dict | None = None
+        self.last_checkpoint: Path | None = None
+        self._eval_seconds = 0.0
+        self._save_seconds = 0.0
+
+    # -- state
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": round(self.train_seconds, 3),
+            "train_config": self.cfg.to_dict(),
+            "model_config": self.model_config,
+            "split": self.split.description,
+            "last_eval": self.last_eval,
+            **self.extra_state,
+        }
+
+    def resume(self, ckpt: Path) -> dict:
+        st = load_checkpoint(ckpt, self.model, self.optimizer, self.device)
+        self.step = int(st["step"])
+        self.tokens_seen = int(st.get("tokens_seen", 0))
+        self.train_seconds = float(st.get("train_seconds", 0.0))
+        self.last_eval = st.get("last_eval")
+        self.last_checkpoint = Path(ckpt)
+        self.metrics.truncate_after(self.step)
+        return st
+
+    def save(self) -> Path:
+        t0 = time.monotonic()
+        path = save_checkpoint(self.run_dir, self.model, self.optimizer, self.state(),
+                               tokenizer=self.tokenizer, keep=self.cfg.keep_checkpoints)
+        self._save_seconds = time.monotonic() - t0
+        self.last_checkpoint = path
+        self.cb.on_checkpoint(self, path)
+        return path
+
+    # -- work
+    def _eval_windows(self, full: bool) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        n = self.cfg.eval_max_windows
+        if full or not n or n >= len(self.val_windows):
+            return self.val_windows, self.val_masks
+        idx = np.unique(np.linspace(0, len(self.val_windows) - 1, n).round().astype(np.int64))
+        return self.val_windows[idx], (self.val_masks[0][idx], self.val_masks[1][idx])
+
+    def evaluate(self, *, full: bool = True) -> dict:
+        t0 = time.monotonic()
+        windows, masks = self._eval_windows(full)
+        res = evaluate(self.forward_model, windows, device=self.device,
+                       batch_size=self.cfg.eval_batch_size or self.cfg.batch_size, masks=masks)
+        self._eval_seconds = time.monotonic() - t0
+        rec = {"kind": "eval", "step": self.step, "tokens_seen": self.tokens_seen, "full": bool(full or
+               windows is self.val_windows), **res, "eval_seconds": round(self._eval_seconds, 3)}
+        self.last_eval = rec
+        self.metrics.append(rec)
+        self.cb.on_eval(self, rec)
+        if self.plot:
+            self.plot_curves()
+        return rec
+
+    def plot_curves(self) -> None:
+        with contextlib.suppress(Exception):  # a plot is a convenience; never fail a run for it
+            plot_curves(self.metrics.path, self.run_dir / CURVES,
+                        baseline_ppl=self.plot_baseline() if self.plot_baseline else None)
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        batches = [self.sampler.batch(self.step, m, cfg.batch_size) for m in range(cfg.grad_accum)]
+        n_targets = int(sum(int(is_acgt(b[:, 1:]).sum()) for b in batches))
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for b in batches:
+            x = torch.from_numpy(b.astype(np.int64)).to(self.device, non_blocking=True)
+            with autocast_for(self.device):
+                logits = self.forward_model(x)
+            nll = token_nll(logits, x).sum()
+            (nll / max(n_targets, 1)).backward()
+            total += nll.detach().double()
+        if cfg.grad_clip and cfg.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        else:
+            gnorm = float("nan")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(total) / max(n_targets, 1)  # syncs the device: the step is done
+        dt = time.perf_counter() - t0
+        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        self.step += 1
+        self.tokens_seen += tokens
+        self.train_seconds += dt
+        return {"kind": "train", "step": self.step, "lr": lr, "loss": loss,
+                "ppl": math.exp(min(loss, 50.0)), "grad_norm": gnorm, "tokens_per_s": tokens / dt,
+                "tokens_seen": self.tokens_seen, "step_seconds": dt}
+
+    def _out_of_time(self, stop: StopRule, step_time: float) -> bool:
+        if stop.max_minutes is None:
+            return False
+        need = step_time * 1.5 + self._save_seconds + 1.0
+        if (self.step + 1) % self.cfg.eval_every == 0:
+            need += self._eval_seconds
+        return time.monotonic() + need > stop.started + 60.0 * stop.max_minutes
+
+    def fit(self, stop: StopRule | None = None) -> TrainOutcome:
+        """Train until max_steps or until ``stop`` says so; always leaves a checkpoint behind."""
+        stop = stop or StopRule()
+        cfg = self.cfg
+        self.model.train()
+        self.cb.on_start(self)
+        steps_this_run = 0
+        step_time = 0.0
+        reason = "finished"
+        while self.step < cfg.max_steps:
+            if stop.max_steps_this_run is not None and steps_this_run >= stop.max_steps_this_run:
+                reason = f"--max-steps-this-run {stop.max_steps_this_run} reached"
+                break
+            if steps_this_run and self._out_of_time(stop, step_time):
+                reason = f"--max-minutes {stop.max_minutes:g} budget reached"
+                break
+            rec = self.train_step()
+            steps_this_run += 1
+            step_time = rec["step_seconds"] if steps_this_run == 1 else 0.9 * step_time + 0.1 * rec["step_seconds"]
+            if not math.isfinite(rec["loss"]):
+                raise SeqssmError(f"training diverged at step {self.step} (loss {rec['loss']}); lower --lr and "
+                                  "resume from the last checkpoint or start over with --force")
+            self.metrics.append(rec)
+            self.cb.on_step(self, rec)
+            if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                self.evaluate(full=False)
+            if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save()
+        finished = self.step >= cfg.max_steps
+        if finished:
+            if not (self.last_eval and self.last_eval["step"] == self.step and self.last_eval.get("full")):
+                self.evaluate(full=True)
+            reason = "finished"
+        elif self.plot and steps_this_run:
+            self.plot_curves()  # the training curve up to where this invocation stopped
+        if self.last_checkpoint is None or read_checkpoint_state(self.last_checkpoint)["step"] != self.step:
+            self.save()
+        return TrainOutcome(self.step, finished, reason, self.tokens_seen, self.last_eval, self.last_checkpoint)
