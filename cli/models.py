@@ -17,21 +17,19 @@ def _describe(loaded) -> dict:
     from seqssm.models import count_parameters
 
     info = loaded.info or {}
-    data = info.get("training_data") or info.get("data") or {}
+    data = info.get("training_data") or {}
     if isinstance(data, dict):
-        data = ", ".join(f"{k}: {v}" for k, v in data.items()) or "-"
+        data = data.get("description") or ", ".join(f"{k}: {v}" for k, v in data.items())
     heldout = info.get("heldout") or {}
-    ppl = heldout.get("perplexity") if isinstance(heldout, dict) else None
-    if ppl is None:
-        ppl = info.get("heldout_perplexity")
     cfg = loaded.config
     return {
         "name": loaded.name,
         "architecture": f"HyenaDNA (d_model {cfg.d_model}, {cfg.n_layer} layers, order {cfg.hyena_order})",
         "parameters": count_parameters(loaded.model),
         "max length": cfg.max_seq_len,
-        "training data": str(data) if data else "-",
-        "held-out perplexity": f"{ppl:.4f}" if isinstance(ppl, (int, float)) else "-",
+        "training data": str(data or "-"),
+        "held-out": (info.get("training_data") or {}).get("held_out", "-") if isinstance(info.get("training_data"), dict) else "-",
+        "held-out perplexity": f"{heldout['perplexity']:.4f}" if "perplexity" in heldout else "-",
         "source": str(info.get("source", "-")),
     }
 
@@ -61,9 +59,19 @@ def info(name: str = typer.Argument(..., help="Bundled name, or a model director
     for k, v in d.items():
         t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
     extra = loaded.info or {}
-    for key in ("heldout", "markov_baseline", "training", "date", "command"):
-        if key in extra:
-            t.add_row(key, _fmt(extra[key]))
+    heldout = extra.get("heldout") or {}
+    markov = extra.get("markov_baseline") or {}
+    if "shared_perplexity" in heldout:
+        t.add_row("held-out perplexity, Markov positions", f"{heldout['shared_perplexity']:.4f} ({heldout.get('shared_targets', 0):,} bases)")
+    if markov:
+        by_k = ", ".join(f"{k}: {v:.3f}" for k, v in markov.get("perplexity_by_k", {}).items())
+        t.add_row("Markov baseline (k-mer)", f"best k={markov.get('best_k')}: {markov.get('best_perplexity', float('nan')):.4f}\nby k: {by_k}")
+    training = extra.get("training") or {}
+    if training:
+        t.add_row("training", f"{training.get('steps', '?'):,} steps, {training.get('tokens_seen', 0):,} tokens, "
+                  f"{training.get('precision', '')} on {training.get('device', '?')}")
+    if "date" in extra:
+        t.add_row("date", str(extra["date"]))
     console.print(t)
 
 
