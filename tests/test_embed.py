@@ -36,9 +36,9 @@ def tiny_model(tmp_path_factory):
     return d
 
 
-def embed(*args):
-    res = runner.invoke(app, ["embed", *map(str, args), "--quiet"])
-    return res
+def embed(*args, device="cpu"):
+    """Run `seqssm embed`; on CPU by default, where results are exact float32."""
+    return runner.invoke(app, ["embed", *map(str, args), "--quiet", "--device", device])
 
 
 def write_fasta(path, records: dict[str, str], width=60):
@@ -190,7 +190,7 @@ def test_mostly_n_windows_skipped_and_counted(tiny_model, tmp_path):
     seq = lambda_seq()[:2000] + "N" * 1500 + lambda_seq()[2000:2500]
     fa = write_fasta(tmp_path / "gap.fa", {"gap": seq})
     out = tmp_path / "gap.parquet"
-    res = runner.invoke(app, ["embed", str(fa), "-o", str(out), "--model", str(tiny_model), "--window", "500"])
+    res = runner.invoke(app, ["embed", str(fa), "-o", str(out), "--model", str(tiny_model), "--window", "500", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     t = pq.read_table(out).to_pandas()
     assert len(t) == 8 - 3  # windows 4000..? : [2000,3500) is all N: 3 windows of 500 skipped
@@ -226,3 +226,17 @@ def test_window_longer_than_model(tiny_model, tmp_path):
 def test_unknown_model_lists_bundled(tmp_path):
     res = embed(LAMBDA, "-o", tmp_path / "o.parquet", "--model", "no-such-model")
     assert res.exit_code == 1 and "no-such-model" in res.output
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_matches_cpu_float32(tmp_path):
+    """The default model on cuda (bf16 autocast) against CPU float32, per window, 1e-2 relative."""
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        outs[dev] = tmp_path / f"{dev}.parquet"
+        res = embed(LAMBDA, "-o", outs[dev], "--rc-average", "--batch-size", 16, device=dev)
+        assert res.exit_code == 0, res.output
+    a = np.stack(pq.read_table(outs["cpu"])["embedding"].to_numpy(zero_copy_only=False))
+    b = np.stack(pq.read_table(outs["cuda"])["embedding"].to_numpy(zero_copy_only=False))
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    assert a.shape == b.shape and rel.max() <= 1e-2, rel.max()

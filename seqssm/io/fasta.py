@@ -30,6 +30,8 @@ record and 1-based line.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import pathlib
 import queue
@@ -481,18 +483,20 @@ class FastaFile:
         """
         parts: list = []
         masks: list = []
-        for ev in self._events(softmask):
-            if ev[0] == "seq":
-                parts.append(ev[1])
-                if softmask:
-                    masks.append(ev[2])
-            elif ev[0] == "end":
-                ids = _join(parts, np.uint8)
-                if softmask:
-                    yield ev[1], ids, _join(masks, np.bool_)
-                else:
-                    yield ev[1], ids
-                parts, masks = [], []
+        # Closed explicitly: a consumer that stops early must not leave the reader thread to the GC.
+        with contextlib.closing(self._events(softmask)) as events:
+            for ev in events:
+                if ev[0] == "seq":
+                    parts.append(ev[1])
+                    if softmask:
+                        masks.append(ev[2])
+                elif ev[0] == "end":
+                    ids = _join(parts, np.uint8)
+                    if softmask:
+                        yield ev[1], ids, _join(masks, np.bool_)
+                    else:
+                        yield ev[1], ids
+                    parts, masks = [], []
 
     def windows(self, window: int, stride: int | None = None, *, softmask: bool = False) -> Iterator[Window]:
         """Fixed windows over every record, with bounded memory (never a whole record).
@@ -516,51 +520,53 @@ class FastaFile:
         got = 0  # bases of the record seen so far
         s = 0  # start of the next window
         last_end = 0
-        for ev in self._events(softmask):
-            kind = ev[0]
-            if kind == "seq":
-                arr = np.frombuffer(ev[1], dtype=np.uint8)
-                marr = np.frombuffer(ev[2], dtype=np.bool_) if softmask else None
-                got += len(arr)
-                if s >= got:  # the whole piece lies in a gap between windows
-                    buf, mbuf, buf_start = _EMPTY, (_EMPTY_MASK if softmask else None), got
-                    continue
-                if s > buf_start + len(buf):  # skip into the new piece
-                    cut = s - (got - len(arr))
-                    buf, buf_start = arr[cut:], s
-                    mbuf = marr[cut:] if softmask else None
-                elif len(buf) == 0:
-                    buf = arr
-                    mbuf = marr
-                else:
-                    buf = np.concatenate((buf, arr))
-                    mbuf = np.concatenate((mbuf, marr)) if softmask else None
-                while s + window <= got:
-                    i = s - buf_start
-                    yield Window(
-                        name, s, s + window, buf[i : i + window].copy(),
-                        mbuf[i : i + window].copy() if softmask else None,
-                    )
-                    last_end = s + window
-                    s += stride
-                cut = min(s - buf_start, len(buf))
-                if cut:  # keep only the tail, as a copy (not a view) so the block it came from can be freed
-                    buf = buf[cut:].copy()
-                    mbuf = mbuf[cut:].copy() if softmask else None
-                    buf_start += cut
-            elif kind == "rec":
-                name = ev[1]
-                buf, mbuf, buf_start, got, s, last_end = _EMPTY, (_EMPTY_MASK if softmask else None), 0, 0, 0, 0
-            else:  # end of record
-                length = ev[2]
-                if last_end < length and s < length:
-                    i = s - buf_start
-                    e = min(s + window, length)
-                    yield Window(
-                        name, s, e, buf[i : i + e - s].copy(),
-                        mbuf[i : i + e - s].copy() if softmask else None,
-                    )
-                buf, mbuf = _EMPTY, None
+        # Closed explicitly: a consumer that stops early must not leave the reader thread to the GC.
+        with contextlib.closing(self._events(softmask)) as events:
+            for ev in events:
+                kind = ev[0]
+                if kind == "seq":
+                    arr = np.frombuffer(ev[1], dtype=np.uint8)
+                    marr = np.frombuffer(ev[2], dtype=np.bool_) if softmask else None
+                    got += len(arr)
+                    if s >= got:  # the whole piece lies in a gap between windows
+                        buf, mbuf, buf_start = _EMPTY, (_EMPTY_MASK if softmask else None), got
+                        continue
+                    if s > buf_start + len(buf):  # skip into the new piece
+                        cut = s - (got - len(arr))
+                        buf, buf_start = arr[cut:], s
+                        mbuf = marr[cut:] if softmask else None
+                    elif len(buf) == 0:
+                        buf = arr
+                        mbuf = marr
+                    else:
+                        buf = np.concatenate((buf, arr))
+                        mbuf = np.concatenate((mbuf, marr)) if softmask else None
+                    while s + window <= got:
+                        i = s - buf_start
+                        yield Window(
+                            name, s, s + window, buf[i : i + window].copy(),
+                            mbuf[i : i + window].copy() if softmask else None,
+                        )
+                        last_end = s + window
+                        s += stride
+                    cut = min(s - buf_start, len(buf))
+                    if cut:  # keep only the tail, as a copy (not a view) so the block it came from can be freed
+                        buf = buf[cut:].copy()
+                        mbuf = mbuf[cut:].copy() if softmask else None
+                        buf_start += cut
+                elif kind == "rec":
+                    name = ev[1]
+                    buf, mbuf, buf_start, got, s, last_end = _EMPTY, (_EMPTY_MASK if softmask else None), 0, 0, 0, 0
+                else:  # end of record
+                    length = ev[2]
+                    if last_end < length and s < length:
+                        i = s - buf_start
+                        e = min(s + window, length)
+                        yield Window(
+                            name, s, e, buf[i : i + e - s].copy(),
+                            mbuf[i : i + e - s].copy() if softmask else None,
+                        )
+                    buf, mbuf = _EMPTY, None
 
     # -- index / random access ---------------------------------------------------------------
 
