@@ -6,7 +6,7 @@ from importlib.resources import files
 from pathlib import Path
 
 EXAMPLES = {
-    "lambda": ("lambda_virus.fa.gz", "Enterobacteria phage lambda genome, NC_001416.1, 48,502 bp (gzip FASTA)"),
+    "lambda": ("lambda_virus.fa.gz", "Enterobacteria phage lambda genome, NC_001416.1, 48,502 bp (BGZF FASTA, .fai + .gzi)"),
 }
 
 

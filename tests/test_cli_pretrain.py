@@ -13,7 +13,7 @@ from seqssm.cli.main import app
 from seqssm.models import load_model
 
 LAMBDA = str(Path(__file__).resolve().parents[1] / "resources" / "data" / "lambda_virus.fa.gz")
-LAMBDA_NAME = "gi|9626243|ref|NC_001416.1|"
+LAMBDA_NAME = "NC_001416.1"
 TINY = ["--d-model", "32", "--n-layer", "2", "--seq-len", "256", "--batch-size", "4", "--warmup-steps", "2",
         "--lr", "3e-3", "--device", "cpu"]
 

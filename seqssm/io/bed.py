@@ -107,7 +107,9 @@ def check_regions(regions, lengths: dict[str, int], path) -> None:
     for r in regions:
         length = lengths.get(r.chrom)
         if length is None:
-            raise InputError(path, f"chromosome {r.chrom!r} is not in the FASTA file", line=r.line)
+            names = list(lengths)
+            hint = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise InputError(path, f"chromosome {r.chrom!r} is not in the FASTA file (it has: {hint})", line=r.line)
         if r.end > length:
             raise InputError(
                 path, f"region {r.chrom}:{r.start}-{r.end} ends past the end of {r.chrom} (length {length})",
