@@ -19,17 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seqssm.errors import SeqssmError
+from seqssm.io.atomic import atomic_write_text
 
 STATE = "state.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def partial_dir(output: Path) -> Path:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from seqssm.io.atomic import atomic_write_text
 from seqssm import __version__
 from seqssm.errors import SeqssmError
 from seqssm.tokenizers.dna import DNATokenizer
@@ -125,9 +126,7 @@ class PretrainSummary:
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _fingerprint(paths) -> list[dict]:

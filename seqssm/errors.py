@@ -24,3 +24,14 @@ class InputError(SeqssmError):
             where.append(f"line {line}")
         super().__init__(f"{', '.join(where)}: {message}")
         self.reason = message
+
+
+def file_error(path, exc: OSError, what: str) -> InputError:
+    """The one-line error for a file that cannot be opened; `what` names the expected kind ("a FASTA file")."""
+    if isinstance(exc, FileNotFoundError):
+        return InputError(path, "file not found")
+    if isinstance(exc, IsADirectoryError):
+        return InputError(path, f"is a directory, not {what}")
+    if isinstance(exc, PermissionError):
+        return InputError(path, "cannot read the file: permission denied")
+    return InputError(path, f"cannot read the file: {exc.strerror or exc}")

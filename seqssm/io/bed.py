@@ -7,7 +7,7 @@ import os
 import pathlib
 from dataclasses import dataclass
 
-from seqssm.errors import InputError
+from seqssm.errors import InputError, file_error
 
 __all__ = ["Region", "read_bed", "check_regions"]
 
@@ -38,14 +38,8 @@ def _open_text(path: pathlib.Path):
 
             return io.TextIOWrapper(igzip.open(path, "rb"), encoding="utf-8", newline=None)
         return open(path, encoding="utf-8", newline=None)
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not a BED file") from None
-    except PermissionError:
-        raise InputError(path, "cannot read the file: permission denied") from None
     except OSError as e:
-        raise InputError(path, f"cannot read the file: {e.strerror or e}") from None
+        raise file_error(path, e, "a BED file") from None
 
 
 def _int(text: str, what: str, path, lineno: int) -> int:

@@ -47,7 +47,7 @@ from typing import Iterator
 import numpy as np
 from isal import igzip, isal_zlib
 
-from seqssm.errors import InputError
+from seqssm.errors import InputError, file_error
 from seqssm.tokenizers.dna import ENCODE_TABLE, N
 
 __all__ = ["Window", "FastaFile", "iter_windows", "count_windows"]
@@ -138,12 +138,8 @@ def _detect_compression(path: pathlib.Path) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(12 + 65535)
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not a FASTA file") from None
-    except PermissionError:
-        raise InputError(path, "cannot read the file: permission denied") from None
     except OSError as e:
-        raise InputError(path, f"cannot read the file: {e.strerror or e}") from None
+        raise file_error(path, e, "a FASTA file") from None
     if head[:2] == _GZIP_MAGIC:
         if (_bgzf_block_size(head) or -1) > 0:
             return "bgzf"

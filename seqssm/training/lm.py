@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from seqssm.io.atomic import atomic_write_text
 from seqssm.errors import SeqssmError
 from seqssm.training.data import DataSplit, WindowSampler, is_acgt, target_masks, validation_windows
 
@@ -208,12 +209,6 @@ def evaluate(
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -265,7 +260,7 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _atomic_write_text(root / LATEST, name + "\n")
+    atomic_write_text(root / LATEST, name + "\n")
     steps = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
     for old in steps[: max(len(steps) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
@@ -335,7 +330,7 @@ class MetricsLog:
                 continue  # a line cut mid-write
             if int(rec.get("step", 0)) <= step:
                 keep.append(line)
-        _atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
     def append(self, rec: dict) -> None:
         with self.path.open("a") as f:
