@@ -9,7 +9,6 @@ from rich.progress import (
     ProgressColumn,
     TaskProgressColumn,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.text import Text
@@ -20,7 +19,7 @@ stderr_console = Console(stderr=True)
 def si(x: float, unit: str = "") -> str:
     for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= factor:
-            return f"{x / factor:.2f} {prefix}{unit}"
+            return f"{x / factor:.1f} {prefix}{unit}"
     return f"{x:.0f} {unit}"
 
 
@@ -48,9 +47,8 @@ class BasesProgress:
             TaskProgressColumn(),
             TextColumn("{task.fields[done]}"),
             RateColumn(unit),
-            TimeElapsedColumn(),
             TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TimeRemainingColumn(compact=True),
             console=stderr_console,
             disable=quiet,
             transient=False,
