@@ -61,3 +61,5 @@ from seqssm.cli import embed as _embed  # noqa: E402,F401
 from seqssm.cli import examples as _examples  # noqa: E402,F401
 from seqssm.cli import models as _models  # noqa: E402,F401
 from seqssm.cli import pretrain as _pretrain  # noqa: E402,F401
+from seqssm.cli import finetune as _finetune  # noqa: E402,F401
+from seqssm.cli import predict as _predict  # noqa: E402,F401

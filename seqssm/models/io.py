@@ -6,6 +6,9 @@ Accepted by `load_model`:
 * a seqssm model directory, as written by `save_model`:
       config.json (model_type "hyenadna" + HyenaConfig fields), model.safetensors,
       tokenizer.json (DNATokenizer.to_dict()), training.json (optional: data, metrics...);
+  or a fine-tuned one (seqssm.models.heads.save_finetuned: config.json also has "head" and
+  "preprocessing", model.safetensors also `head.*`): load_model gives its backbone (head keys
+  ignored, LM head tied to the embeddings), load_finetuned the whole classifier;
 * a HuggingFace-format HyenaDNA directory (LongSafari/hyenadna-*-hf, or anything written by its
   save_pretrained): config.json + model.safetensors or pytorch_model.bin, keys `backbone.*`
   (HyenaDNAModel) or `hyena.backbone.*` + `lm_head.weight` (HyenaDNAForCausalLM);
@@ -130,6 +133,10 @@ def _load_seqssm(d: Path, tok: dict) -> LoadedModel:
         if not isinstance(info, dict):
             raise SeqssmError(f"{d / 'training.json'}: expected a JSON object")
     state = _read_safetensors(d / "model.safetensors")
+    if isinstance(cfg_dict.get("head"), dict):
+        # A fine-tuned model (seqssm.models.heads): the backbone alone; the head is load_finetuned's.
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        info["finetuned_head"] = cfg_dict["head"]
     model = _build(config, state, d / "model.safetensors")
     info.update(source=str(d), format="seqssm")
     return LoadedModel(model, tokenizer, config, info)

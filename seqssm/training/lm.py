@@ -105,13 +105,20 @@ class TrainConfig:
                 raise SeqssmError(msg)
 
 
+def warmup_cosine(step: int, *, peak: float, floor: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up over ``warmup_steps`` to
+    ``peak``, then cosine decay to ``floor`` at ``total_steps``."""
+    if warmup_steps and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max((step - warmup_steps) / span, 0.0), 1.0)
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    progress = min(max((step - cfg.warmup_steps) / span, 0.0), 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    return warmup_cosine(step, peak=cfg.lr, floor=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                         total_steps=cfg.max_steps)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -129,12 +136,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def adamw(groups: list[dict], *, lr: float, betas, eps: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over parameter groups (fused kernels on CUDA)."""
     kw = {}
     if device.type == "cuda":
         kw["fused"] = True
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                             eps=cfg.adam_eps, **kw)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kw)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    return adamw(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                 device=device)
 
 
 def autocast_for(device: torch.device):
@@ -209,14 +221,15 @@ def evaluate(
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """The torch (and CUDA) RNG states: plain tensors, saved in optimizer.pt."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     if "torch" in state:
         torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
@@ -242,16 +255,39 @@ def save_checkpoint(
     """
     from seqssm.models import save_model
 
-    root = Path(run_dir) / CHECKPOINTS
+    def write_model(tmp: Path) -> None:
+        save_model(model, tmp, tokenizer=tokenizer, info={"checkpoint": True, "step": state["step"],
+                                                            "tokens_seen": state.get("tokens_seen")})
+
+    return write_checkpoint(Path(run_dir) / CHECKPOINTS, f"step-{int(state['step']):08d}", write_model,
+                            optimizer, state, keep=keep)
+
+
+def write_checkpoint(
+    root: Path,
+    name: str,
+    write_model: Callable[[Path], object],
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    *,
+    keep: int = 1,
+    protect: tuple[str, ...] = (),
+) -> Path:
+    """Write ``root/name`` atomically, point ``root/LATEST`` at it, prune older ones.
+
+    ``write_model(tmp)`` writes the model directory into ``tmp`` (which must not exist yet);
+    optimizer.pt (optimizer + RNG states) and trainer_state.json (``state``) are added beside it.
+    Pruning keeps the newest ``keep`` step-* directories (this one included) and those named in
+    ``protect``.
+    """
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{int(state['step']):08d}"
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model(model, tmp, tokenizer=tokenizer, info={"checkpoint": True, "step": state["step"],
-                                                        "tokens_seen": state.get("tokens_seen")})
-    torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
+    write_model(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     if final.exists():  # the same step saved again
         old = root / f".old-{name}-{os.getpid()}"
@@ -261,7 +297,7 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     atomic_write_text(root / LATEST, name + "\n")
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name and p.name not in protect)
     for old in steps[: max(len(steps) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
@@ -272,7 +308,12 @@ def save_checkpoint(
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint LATEST points at (or the highest complete step-* directory)."""
-    root = Path(run_dir) / CHECKPOINTS
+    return latest_in(Path(run_dir) / CHECKPOINTS)
+
+
+def latest_in(root: Path) -> Path | None:
+    """The checkpoint ``root/LATEST`` points at (or the highest complete step-* directory of ``root``)."""
+    root = Path(root)
     if not root.is_dir():
         return None
     latest = root / LATEST
@@ -299,14 +340,20 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
         model.load_state_dict(loaded.model.state_dict(), strict=True)
     except RuntimeError as e:
         raise SeqssmError(f"checkpoint {ckpt} does not match the model: {str(e).splitlines()[0]}") from None
+    restore_optimizer(ckpt, optimizer, device)
+    return read_checkpoint_state(ckpt)
+
+
+def restore_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer | None, device: torch.device) -> None:
+    """Load ``ckpt/optimizer.pt`` into ``optimizer`` and restore the RNG states saved with it."""
+    ckpt = Path(ckpt)
     try:
         blob = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
     except Exception as e:  # truncated or foreign file
         raise SeqssmError(f"{ckpt / 'optimizer.pt'}: cannot read optimizer state: {e}") from None
     if optimizer is not None:
         optimizer.load_state_dict(blob["optimizer"])
-    _set_rng_state(blob.get("rng", {}))
-    return read_checkpoint_state(ckpt)
+    set_rng_state(blob.get("rng", {}))
 
 
 # ----------------------------------------------------------------------------- metrics
