@@ -124,14 +124,12 @@ def _options_from_cli(args: list[str]) -> "ft.FinetuneOptions":
 
 
 def _read_predictions(path: Path, label_names: list[str]):
+    """(y, P(class label_names[1])) from a binary run's test_predictions.tsv."""
     import pandas as pd
 
-    df = pd.read_csv(path, sep="\t")
-    pos = label_names[1]
-    y = (df["target"].astype(str) == pos).astype(int).to_numpy() if df["target"].dtype == object else df["target"].to_numpy()
-    score_col = next(c for c in df.columns if c.startswith("prob_") and c.endswith(pos)) if any(
-        c.startswith("prob_") for c in df.columns) else "prediction"
-    return y, df[score_col].to_numpy(dtype=float)
+    df = pd.read_csv(path, sep="\t", dtype=str)
+    y = np.array([label_names.index(t) for t in df["target"]])
+    return y, df[f"prob_{label_names[1]}"].to_numpy(dtype=float)
 
 
 if __name__ == "__main__":
