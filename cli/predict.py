@@ -20,6 +20,7 @@ def predict(
     genome: Optional[Path] = typer.Option(None, "--genome", help="FASTA the BED coordinates refer to."),
     sequences: Optional[Path] = typer.Option(None, "--sequences", help="CSV/TSV table with a sequence column, or a FASTA."),
     sequence_column: Optional[str] = typer.Option(None, "--sequence-column", help="Sequence column of a table (default: as in fine-tuning, else sequence/seq/seqs)."),
+    label_column: Optional[list[str]] = typer.Option(None, "--label-column", help="Label column(s) of the input to score the predictions against (BED: name or 1-based index). Default: as in fine-tuning; tables: label/labels when present."),
     rc_average: Optional[bool] = typer.Option(None, "--rc-average/--no-rc-average", help="Average forward and reverse-complement predictions. Default: as the model was evaluated."),
     batch_size: int = typer.Option(64, "--batch-size", "-b"),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N."),
@@ -32,7 +33,9 @@ def predict(
     reverse-complemented. If the input has labels, metrics on it are printed too.
     """
     opts = PredictOptions(model=model, output=output, regions=regions, genome=genome, sequences=sequences,
-                          sequence_column=sequence_column, rc_average=rc_average, batch_size=batch_size,
+                          sequence_column=sequence_column,
+                          label_columns=[int(c) if c.isdigit() else c for c in label_column] if label_column else None,
+                          rc_average=rc_average, batch_size=batch_size,
                           device=device, force=force, quiet=quiet)
     s = run_guarded(run_predict, opts)
     if quiet:

@@ -34,6 +34,7 @@ class PredictOptions:
     genome: Path | None = None
     sequences: Path | None = None
     sequence_column: str | None = None
+    label_columns: list | None = None  # to score against labels in the input; default: the model's
     rc_average: bool | None = None  # None: as the model was evaluated when fine-tuned
     batch_size: int = 64
     device: str = "auto"
@@ -100,7 +101,7 @@ def run_predict(opts: PredictOptions) -> PredictSummary:
         src,
         genome=opts.genome,
         length=prep.get("length"),
-        label_columns=prep.get("label_columns"),
+        label_columns=opts.label_columns or prep.get("label_columns"),
         sequence_column=opts.sequence_column or prep.get("sequence_column"),
         task=head.task,
         label_names=head.label_names,
