@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seqssm.pipelines.output import prepare_run_dir
 from seqssm import __version__
 from seqssm.errors import SeqssmError
 from seqssm.io.atomic import atomic_write_text
@@ -197,26 +198,9 @@ def _data_options(opts: FinetuneOptions) -> dict:
 
 def _prepare_output(out: Path, *, resume: bool, force: bool) -> dict | None:
     """Check the output directory; return the saved run.json when there is a run to resume."""
-    if out.exists() and not out.is_dir():
-        raise SeqssmError(f"{out} exists and is not a directory")
-    run_file = out / RUN_FILE
-    saved = json.loads(run_file.read_text()) if run_file.is_file() else None
-    if saved is not None and saved.get("kind") != "finetune":
-        raise SeqssmError(f"{out} holds a run of another command; choose a new output directory")
-    if out.exists() and saved is None and any(out.iterdir()):
-        raise SeqssmError(f"{out} exists, is not empty and holds no seqssm finetune run ({RUN_FILE}); "
-                          "choose a new output directory")
-    if saved is None:
-        return None
-    if force:
-        shutil.rmtree(out)
-        return None
-    if resume:
-        return saved
-    if saved.get("status") == "finished":
-        raise SeqssmError(f"{out} already holds a finished fine-tuned model; use --force to overwrite it, "
-                          "or --resume with more --epochs to train it further")
-    raise SeqssmError(f"{out} holds an unfinished run; use --resume to continue it or --force to start over")
+    return prepare_run_dir(out, kind="finetune", resume=resume, force=force, run_file=RUN_FILE,
+                           finished_hint=" (fine-tuned); use --force to overwrite it, "
+                                         "or --resume with more --epochs to train it further")
 
 
 def _resolve_config(opts: FinetuneOptions, saved: dict | None) -> FinetuneConfig:

@@ -145,3 +145,31 @@ class TokenArrayWriter:
     def close(self) -> None:
         if not self.f.closed:
             self.f.close()
+
+
+def prepare_run_dir(out: Path, *, kind: str, resume: bool, force: bool, finished_hint: str,
+                    run_file: str = "run.json") -> dict | None:
+    """Check a training run's output directory; return its saved run.json when there is a run to resume.
+
+    `kind` is the command that owns such directories ("pretrain", "finetune"); `finished_hint` ends the
+    error for a finished run (how to train it further). A directory of something else is never removed.
+    """
+    if out.exists() and not out.is_dir():
+        raise SeqssmError(f"{out} exists and is not a directory")
+    path = out / run_file
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if saved is not None and saved.get("kind", "pretrain") != kind:  # early pretrain runs wrote no kind
+        raise SeqssmError(f"{out} holds a run of another command; choose a new output directory")
+    if out.exists() and saved is None and any(out.iterdir()):
+        raise SeqssmError(f"{out} exists, is not empty and holds no seqssm {kind} run ({run_file}); "
+                          "choose a new output directory")
+    if saved is None:
+        return None
+    if force:
+        shutil.rmtree(out)
+        return None
+    if resume:
+        return saved
+    if saved.get("status") == "finished":
+        raise SeqssmError(f"{out} already holds a finished model{finished_hint}")
+    raise SeqssmError(f"{out} holds an unfinished run; use --resume to continue it or --force to start over")

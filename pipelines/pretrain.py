@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from seqssm.pipelines.output import prepare_run_dir
 from seqssm.io.atomic import atomic_write_text
 from seqssm import __version__
 from seqssm.errors import SeqssmError
@@ -145,24 +146,9 @@ def _split_signature(split: DataSplit) -> dict:
 
 def _prepare_output(out: Path, *, resume: bool, force: bool) -> dict | None:
     """Check the output directory; return the saved run.json when there is a run to resume."""
-    if out.exists() and not out.is_dir():
-        raise SeqssmError(f"{out} exists and is not a directory")
-    run_file = out / RUN_FILE
-    saved = json.loads(run_file.read_text()) if run_file.is_file() else None
-    if out.exists() and saved is None and any(out.iterdir()):
-        raise SeqssmError(f"{out} exists, is not empty and holds no seqssm pretrain run ({RUN_FILE}); "
-                          "choose a new output directory")
-    if saved is None:
-        return None
-    if force:
-        shutil.rmtree(out)
-        return None
-    if resume:
-        return saved
-    if saved.get("status") == "finished":
-        raise SeqssmError(f"{out} already holds a finished model (step {saved.get('step')}); use --force to "
-                          "overwrite it, or --resume with a larger --max-steps to train it further")
-    raise SeqssmError(f"{out} holds an unfinished run; use --resume to continue it or --force to start over")
+    return prepare_run_dir(out, kind="pretrain", resume=resume, force=force, run_file=RUN_FILE,
+                           finished_hint="; use --force to overwrite it, or --resume with a larger "
+                                         "--max-steps to train it further")
 
 
 def _resolve(opts: PretrainOptions, saved: dict | None, init_config: dict | None) -> tuple[dict, TrainConfig]:
@@ -391,6 +377,7 @@ def run_pretrain(opts: PretrainOptions, console=None) -> PretrainSummary:
         "valid_files": [str(p) for p in valid_files],
         "valid_files_fingerprint": _fingerprint(valid_files),
         "init": run.get("init", opts.init),
+        "kind": "pretrain",
         "model_config": model.config.to_dict(),
         "train_config": cfg.to_dict(),
         "split_signature": _split_signature(split),

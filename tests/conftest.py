@@ -128,3 +128,12 @@ def lambda_genome() -> str:
     """The phage lambda genome (48,502 bp), from resources/data/lambda_virus.fa.gz."""
     (seq,) = read_fasta_gz(LAMBDA_FASTA).values()
     return seq
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one CPU thread (and do not slow to a crawl on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

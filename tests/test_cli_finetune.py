@@ -16,12 +16,7 @@ runner = CliRunner()
 FAST = ["--batch-size", "32", "--lr", "3e-3", "--head-lr", "1e-2", "--dropout", "0", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -92,13 +92,7 @@ def build_task_files(root: Path, genome_seq: str) -> dict:
     return {"genome": genome, "bed": bed, "multi": multi, "table": table, "fasta": fasta, "n": len(wins)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one CPU thread (and do not slow to a crawl on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,8 @@ from seqssm.errors import SeqssmError
 from seqssm.models.heads import POOLINGS, TASKS, SequenceClassifier, batch_examples, reverse_complement_padded
 from seqssm.training.lm import (
     CHECKPOINTS,
+    config_from_dict,
+    config_to_dict,
     adamw,
     autocast_for,
     latest_in,
@@ -91,18 +93,8 @@ class FinetuneConfig:
     patience: int | None = 3  # None or 0: no early stopping
     early_stop_metric: str | None = None  # default: primary_metric(task)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["adam_betas"] = list(self.adam_betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FinetuneConfig":
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if "adam_betas" in kw:
-            kw["adam_betas"] = tuple(kw["adam_betas"])
-        return cls(**kw)
+    to_dict = config_to_dict
+    from_dict = classmethod(config_from_dict)
 
     def validate(self) -> None:
         checks = [

@@ -50,6 +50,22 @@ METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 
 
+def config_to_dict(cfg) -> dict:
+    """JSON-ready dict of a training config dataclass (tuples as lists)."""
+    d = asdict(cfg)
+    d["adam_betas"] = list(cfg.adam_betas)
+    return d
+
+
+def config_from_dict(cls, d: dict):
+    """The config from a saved dict; unknown keys (from other seqssm versions) are ignored."""
+    names = {f.name for f in fields(cls)}
+    kw = {k: v for k, v in d.items() if k in names}
+    if "adam_betas" in kw:
+        kw["adam_betas"] = tuple(kw["adam_betas"])
+    return cls(**kw)
+
+
 @dataclass
 class TrainConfig:
     """Hyperparameters of the optimisation (the model's own config is separate)."""
@@ -73,18 +89,8 @@ class TrainConfig:
     keep_checkpoints: int = 1
     log_every: int = 50  # plain log lines when stderr is not a terminal
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["adam_betas"] = list(self.adam_betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if "adam_betas" in kw:
-            kw["adam_betas"] = tuple(kw["adam_betas"])
-        return cls(**kw)
+    to_dict = config_to_dict
+    from_dict = classmethod(config_from_dict)
 
     def validate(self) -> None:
         checks = [
