@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqssm.pipelines.output import prepare_run_dir
+from seqssm.pipelines.output import check_run_budget, prepare_run_dir
 from seqssm import __version__
 from seqssm.errors import SeqssmError
 from seqssm.io.atomic import atomic_write_text
@@ -511,10 +511,7 @@ def run_finetune(opts: FinetuneOptions, console=None) -> FinetuneSummary:
     t_start = time.monotonic()
     console = console or Console(stderr=True)
     out = Path(opts.output).expanduser()
-    if opts.max_minutes is not None and opts.max_minutes <= 0:
-        raise SeqssmError("--max-minutes must be > 0")
-    if opts.max_steps_this_run is not None and opts.max_steps_this_run < 1:
-        raise SeqssmError("--max-steps-this-run must be >= 1")
+    check_run_budget(opts.max_minutes, opts.max_steps_this_run)
     if opts.task not in ("auto", "binary", "multiclass", "multilabel", "regression"):
         raise SeqssmError(f"--task {opts.task!r}: expected auto, binary, multiclass, multilabel or regression")
     if opts.length is not None and opts.length < 1:

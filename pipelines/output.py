@@ -173,3 +173,11 @@ def prepare_run_dir(out: Path, *, kind: str, resume: bool, force: bool, finished
     if saved.get("status") == "finished":
         raise SeqssmError(f"{out} already holds a finished model{finished_hint}")
     raise SeqssmError(f"{out} holds an unfinished run; use --resume to continue it or --force to start over")
+
+
+def check_run_budget(max_minutes: float | None, max_steps_this_run: int | None) -> None:
+    """Validate the options that cut a training job short (to fit a time slot)."""
+    if max_minutes is not None and max_minutes <= 0:
+        raise SeqssmError("--max-minutes must be > 0")
+    if max_steps_this_run is not None and max_steps_this_run < 1:
+        raise SeqssmError("--max-steps-this-run must be >= 1")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from seqssm.pipelines.output import prepare_run_dir
+from seqssm.pipelines.output import check_run_budget, prepare_run_dir
 from seqssm.io.atomic import atomic_write_text
 from seqssm import __version__
 from seqssm.errors import SeqssmError
@@ -301,10 +301,7 @@ def run_pretrain(opts: PretrainOptions, console=None) -> PretrainSummary:
     t_start = time.monotonic()
     console = console or Console(stderr=True)
     out = Path(opts.output).expanduser()
-    if opts.max_minutes is not None and opts.max_minutes <= 0:
-        raise SeqssmError("--max-minutes must be > 0")
-    if opts.max_steps_this_run is not None and opts.max_steps_this_run < 1:
-        raise SeqssmError("--max-steps-this-run must be >= 1")
+    check_run_budget(opts.max_minutes, opts.max_steps_this_run)
     saved = _prepare_output(out, resume=opts.resume, force=opts.force)
     ckpt = latest_checkpoint(out) if saved is not None else None
     device = resolve_device(opts.device)

@@ -49,6 +49,22 @@ def _int(text: str, what: str, path, lineno: int) -> int:
     return int(t)
 
 
+def parse_interval(cols: list[str], path, lineno: int) -> tuple[str, int, int]:
+    """(chrom, start, end) of a BED line's columns; InputError naming the line if they are not valid."""
+    if len(cols) < 3:
+        raise InputError(path, f"expected at least 3 columns (chrom, start, end), found {len(cols)}", line=lineno)
+    chrom = cols[0]
+    if not chrom:
+        raise InputError(path, "empty chromosome name", line=lineno)
+    start = _int(cols[1], "start", path, lineno)
+    end = _int(cols[2], "end", path, lineno)
+    if start < 0:
+        raise InputError(path, f"start {start} is negative", line=lineno)
+    if end <= start:
+        raise InputError(path, f"end {end} is not greater than start {start}", line=lineno)
+    return chrom, start, end
+
+
 def read_bed(path: str | os.PathLike) -> list[Region]:
     """Regions of a BED file (plain or gzip), in file order.
 
@@ -71,19 +87,7 @@ def read_bed(path: str | os.PathLike) -> list[Region]:
                 cols = [c.strip() for c in cols]
                 while cols and cols[-1] == "":  # trailing tabs
                     cols.pop()
-                if len(cols) < 3:
-                    raise InputError(
-                        path, f"expected at least 3 columns (chrom, start, end), found {len(cols)}", line=lineno
-                    )
-                chrom = cols[0]
-                if not chrom:
-                    raise InputError(path, "empty chromosome name", line=lineno)
-                start = _int(cols[1], "start", path, lineno)
-                end = _int(cols[2], "end", path, lineno)
-                if start < 0:
-                    raise InputError(path, f"start {start} is negative", line=lineno)
-                if end <= start:
-                    raise InputError(path, f"end {end} is not greater than start {start}", line=lineno)
+                chrom, start, end = parse_interval(cols, path, lineno)
                 name = cols[3] if len(cols) > 3 else None
                 strand = cols[5] if len(cols) > 5 else "."
                 if strand not in _STRANDS:

@@ -43,6 +43,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from seqssm.io.bed import parse_interval
 from seqssm.errors import InputError, file_error
 from seqssm.tokenizers.dna import ENCODE_TABLE, INVALID, N, encode, reverse_complement
 
@@ -454,13 +455,6 @@ def _split_cols(line: str) -> list[str]:
     return [c.strip() for c in cols]
 
 
-def _bed_int(text: str, what: str, path, lineno: int) -> int:
-    t = text.strip()
-    if not t or not (t.isdigit() or (t[0] == "-" and t[1:].isdigit())):
-        raise InputError(path, f"{what} {text!r} is not an integer", line=lineno)
-    return int(t)
-
-
 def _resolve_column(spec, names: dict[str, int], ncols: int, path, line, *, what: str, min_index: int = 1) -> int:
     """0-based column index of a label/sequence column given by name or 1-based number."""
     if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
@@ -598,19 +592,7 @@ def read_regions(
                         strand_idx = lower.index("strand") if "strand" in lower else len(header) + 10**9
                     if header is not None and header_line == lineno:
                         continue
-                if len(cols) < 3:
-                    raise InputError(
-                        path, f"expected at least 3 columns (chrom, start, end), found {len(cols)}", line=lineno
-                    )
-                chrom = cols[0]
-                if not chrom:
-                    raise InputError(path, "empty chromosome name", line=lineno)
-                start = _bed_int(cols[1], "start", path, lineno)
-                end = _bed_int(cols[2], "end", path, lineno)
-                if start < 0:
-                    raise InputError(path, f"start {start} is negative", line=lineno)
-                if end <= start:
-                    raise InputError(path, f"end {end} is not greater than start {start}", line=lineno)
+                chrom, start, end = parse_interval(cols, path, lineno)
                 strand = cols[strand_idx] if strand_idx < len(cols) else "."
                 if strand not in _STRANDS:
                     raise InputError(path, f"strand {strand!r} is not '+', '-' or '.'", line=lineno)

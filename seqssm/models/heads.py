@@ -265,20 +265,13 @@ def save_finetuned(
     from safetensors.torch import save_file
 
     from seqssm import __version__
-    from seqssm.models.io import MODEL_FILES, MODEL_TYPE, _replace_dir, _unique_tensors, _write_json
+    from seqssm.models.io import MODEL_TYPE, _replace_dir, _unique_tensors, _write_json, prepare_model_target
 
     if not isinstance(model, SequenceClassifier):
         raise TypeError(f"save_finetuned: expected a SequenceClassifier, got {type(model).__name__}")
     if not isinstance(tokenizer, DNATokenizer):
         raise TypeError(f"save_finetuned: expected a DNATokenizer, got {type(tokenizer).__name__}")
-    target = Path(directory).expanduser().absolute()
-    if target.exists():
-        if not target.is_dir():
-            raise SeqssmError(f"{target}: exists and is not a directory")
-        extra = sorted(p.name for p in target.iterdir() if p.name not in MODEL_FILES)
-        if extra:
-            raise SeqssmError(f"{target}: refusing to replace a directory holding other files ({', '.join(extra[:5])})")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = prepare_model_target(directory)
 
     backbone = {**model.config.to_dict(), "tie_word_embeddings": True}
     config = {"model_type": MODEL_TYPE, "seqssm_version": __version__, **backbone,

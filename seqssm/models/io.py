@@ -382,6 +382,20 @@ def _read_torch(path: Path):
 # saving
 
 
+def prepare_model_target(directory) -> Path:
+    """Absolute path of a model directory about to be (re)written; refuses to replace a directory
+    holding anything but model files, so a wrong -o never deletes a user's data."""
+    target = Path(directory).expanduser().absolute()
+    if target.exists():
+        if not target.is_dir():
+            raise SeqssmError(f"{target}: exists and is not a directory")
+        extra = sorted(p.name for p in target.iterdir() if p.name not in MODEL_FILES)
+        if extra:
+            raise SeqssmError(f"{target}: refusing to replace a directory holding other files ({', '.join(extra[:_SHOW])})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
 def save_model(
     model: HyenaDNAForCausalLM,
     directory: str | os.PathLike,
@@ -404,14 +418,7 @@ def save_model(
 
     from seqssm import __version__
 
-    target = Path(directory).expanduser().absolute()
-    if target.exists():
-        if not target.is_dir():
-            raise SeqssmError(f"{target}: exists and is not a directory")
-        extra = sorted(p.name for p in target.iterdir() if p.name not in MODEL_FILES)
-        if extra:
-            raise SeqssmError(f"{target}: refusing to replace a directory holding other files ({', '.join(extra[:_SHOW])})")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = prepare_model_target(directory)
 
     config = {"model_type": MODEL_TYPE, "seqssm_version": __version__, **model.config.to_dict()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
