@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seqssm.pipelines.progress import JobDisplay
 from seqssm.pipelines.output import check_run_budget, prepare_run_dir
 from seqssm import __version__
 from seqssm.errors import SeqssmError
@@ -429,28 +430,12 @@ def command_line(opts: FinetuneOptions) -> str:
 # ----------------------------------------------------------------------------- UI
 
 
-class _Display(FinetuneCallbacks):
+class _Display(JobDisplay, FinetuneCallbacks):
     """Rich progress bar with live loss / validation metric on stderr, or plain log lines."""
 
     def __init__(self, console, *, quiet: bool):
-        self.console = console
-        self.quiet = quiet
-        self.progress = None
-        self.task = None
-        self.interactive = console.is_terminal and not quiet
+        super().__init__(console, quiet=quiet)
         self.valid_text = "-"
-
-    def log(self, msg: str) -> None:
-        if not self.quiet:
-            (self.progress.console if self.progress else self.console).print(msg, highlight=False, soft_wrap=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.stop()
-        return False
 
     def on_start(self, tr: FinetuneTrainer) -> None:
         if tr.history:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from seqssm.pipelines.progress import JobDisplay
 from seqssm.pipelines.output import check_run_budget, prepare_run_dir
 from seqssm.io.atomic import atomic_write_text
 from seqssm import __version__
@@ -224,30 +225,14 @@ def command_line(opts: PretrainOptions) -> str:
 # ----------------------------------------------------------------------------- UI
 
 
-class _Display(Callbacks):
+class _Display(JobDisplay, Callbacks):
     """Rich progress bar on stderr (interactive) or plain log lines (logs, pipes)."""
 
     def __init__(self, console, *, quiet: bool, baseline: dict | None):
-        self.console = console
-        self.quiet = quiet
+        super().__init__(console, quiet=quiet)
         self.baseline = baseline
-        self.progress = None
-        self.task = None
-        self.interactive = console.is_terminal and not quiet
         self._t0 = time.monotonic()
         self._tokens0 = 0
-
-    def log(self, msg: str) -> None:
-        if not self.quiet:
-            (self.progress.console if self.progress else self.console).print(msg, highlight=False, soft_wrap=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.stop()
-        return False
 
     def on_start(self, tr: Trainer) -> None:
         self._tokens0 = tr.tokens_seen

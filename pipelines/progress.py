@@ -78,3 +78,27 @@ class BasesProgress:
         self.progress.update(
             self.task, advance=n, done=f"{si(done, self.unit)}/{si(self.total, self.unit)}", rate=rate
         )
+
+
+class JobDisplay:
+    """Shared plumbing of a training job's display: a Rich progress bar on an interactive stderr,
+    plain log lines otherwise (logs, pipes), nothing with quiet. Subclasses draw the bar."""
+
+    def __init__(self, console, *, quiet: bool):
+        self.console = console
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
+        self.interactive = console.is_terminal and not quiet
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            (self.progress.console if self.progress else self.console).print(msg, highlight=False, soft_wrap=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+        return False

@@ -137,3 +137,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def error_line(res) -> str:
+    """The one line of a user error from a CliRunner result: a non-zero exit, and stderr holds
+    exactly that line, starting with "error:", and no traceback."""
+    assert res.exit_code != 0
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    assert "Traceback" not in res.output
+    return lines[0]

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from seqssm.cli.main import app
+from conftest import error_line
 from seqssm.models import load_finetuned, load_model
 from test_finetune import build_task_files, tiny_backbone
 
@@ -29,16 +30,6 @@ def files(tmp_path_factory, lambda_genome):
 
 def invoke(*args):
     return runner.invoke(app, ["finetune", *map(str, args)])
-
-
-def error_line(res) -> str:
-    """The one line of a user error: stderr holds exactly that line."""
-    assert res.exit_code != 0
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    assert "Traceback" not in res.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from seqssm.cli.main import app
+from conftest import error_line
 from seqssm.models import load_model
 
 LAMBDA = str(Path(__file__).resolve().parents[1] / "resources" / "data" / "lambda_virus.fa.gz")
@@ -22,15 +23,6 @@ runner = CliRunner()
 
 def invoke(*args):
     return runner.invoke(app, ["pretrain", *map(str, args)])
-
-
-def error_line(res) -> str:
-    """The one line of a user error: stderr holds exactly that line."""
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    assert "Traceback" not in res.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
