@@ -1,7 +1,7 @@
 """Fine-tuning acceptance: bundled pretrained backbone vs the same architecture from scratch vs a k-mer
 logistic-regression baseline, on one fixed split, in one run.
 
-    python benchmarks/finetune_acceptance.py NAME OUTDIR -- FINETUNE-OPTIONS...
+    python benchmarks/finetune_acceptance.py NAME OUTDIR [--backbone MODEL] -- FINETUNE-OPTIONS...
 
 FINETUNE-OPTIONS are `seqssm finetune` options that define the data and split (and training knobs),
 e.g. for the E. coli promoters:
@@ -10,7 +10,8 @@ e.g. for the E. coli promoters:
         --sequences ../shared/data/ecoli_promoters_81bp.csv --sequence-column seqs --label-column labels \\
         --split random --split-fractions 0.8,0.1,0.1 --split-seed 0 --epochs 10
 
-The pretrained and scratch runs are `seqssm finetune` with `--model hyenadna-small-chr20` and with
+The pretrained and scratch runs are `seqssm finetune` with `--model BACKBONE` (default
+hyenadna-small-chr20) and with
 `--from-scratch` added; the k-mer model gets the identical split (the pipeline's own loader) and
 chooses its L2 penalty on the validation split. Writes OUTDIR/acceptance.json, OUTDIR/roc.png and
 prints a Markdown table of the test metrics.
@@ -55,12 +56,14 @@ def main() -> None:
         raise SystemExit(__doc__)
     k = sys.argv.index("--")
     name, outdir = sys.argv[1], Path(sys.argv[2])
+    head = sys.argv[3:k]
+    backbone = head[head.index("--backbone") + 1] if "--backbone" in head else "hyenadna-small-chr20"
     ft_args = sys.argv[k + 1 :]
     outdir.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, dict] = {}
     curves = {}
-    runs = {"pretrained": ["--model", "hyenadna-small-chr20"], "scratch": ["--model", "hyenadna-small-chr20", "--from-scratch"]}
+    runs = {"pretrained": ["--model", backbone], "scratch": ["--model", backbone, "--from-scratch"]}
     for label, extra in runs.items():
         r = _finetune([*ft_args, *extra], outdir / label)
         test = r["metrics"]["test"]
@@ -90,7 +93,7 @@ def main() -> None:
             curves[label] = (fpr, tpr, results[label]["auroc"])
         plot_roc(curves, outdir / "roc.png", title=f"{name}: test split")
 
-    summary = {"task": name, "finetune_args": ft_args, "split": split.description,
+    summary = {"task": name, "backbone": backbone, "finetune_args": ft_args, "split": split.description,
                "sizes": {"train": len(split.train.examples), "valid": len(split.valid.examples),
                          "test": len(split.test.examples)},
                "results": results}
