@@ -63,3 +63,4 @@ from seqssm.cli import models as _models  # noqa: E402,F401
 from seqssm.cli import pretrain as _pretrain  # noqa: E402,F401
 from seqssm.cli import finetune as _finetune  # noqa: E402,F401
 from seqssm.cli import predict as _predict  # noqa: E402,F401
+from seqssm.cli import molecules as _molecules  # noqa: E402,F401

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -34,6 +36,35 @@ def _describe(loaded) -> dict:
     }
 
 
+def _describe_chem(name: str) -> dict:
+    from seqssm.chem.model_dir import load_chem_model
+
+    m = run_guarded(load_chem_model, name)
+    cfg = m.model.cfg
+    val = m.info.get("validation") or {}
+    quality = m.info.get("sample_quality") or {}
+    return {
+        "name": m.name,
+        "architecture": f"S4 chemical LM (d_model {cfg.d_model}, {cfg.n_blocks} x [S4, S4, FF], "
+                        f"{cfg.kernel} kernel, state {cfg.d_state})",
+        "parameters": sum(p.numel() for p in m.model.parameters()),
+        "max length": cfg.max_len,
+        "vocabulary": f"{len(m.tokenizer)} SMILES tokens",
+        "training data": str((m.info.get("training_data") or {}).get("description", "-")),
+        "held-out perplexity": f"{val['val_ppl']:.4f}" if "val_ppl" in val else "-",
+        "held-out loss": f"{val['val_loss']:.4f} nats/token" if "val_loss" in val else "-",
+        "sample quality": ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in quality.items())
+        or "-",
+        "source": str(m.info.get("source", "-")),
+    }
+
+
+def _is_chem(name: str) -> bool:
+    from seqssm.chem.model_dir import bundled_chem_models, is_chem_model_dir
+
+    return name in bundled_chem_models() or is_chem_model_dir(Path(name).expanduser())
+
+
 @models_app.command("list")
 def list_models() -> None:
     """Every bundled model with its architecture, size and held-out perplexity."""
@@ -43,7 +74,7 @@ def list_models() -> None:
     for col in ("name", "architecture", "parameters", "max length", "held-out perplexity"):
         t.add_column(col, justify="right" if col in ("parameters", "max length", "held-out perplexity") else "left")
     for name in bundled_models():
-        d = _describe(run_guarded(load_model, name))
+        d = _describe_chem(name) if _is_chem(name) else _describe(run_guarded(load_model, name))
         t.add_row(d["name"], d["architecture"], f"{d['parameters']:,}", str(d["max length"]), d["held-out perplexity"])
     console.print(t)
 
@@ -53,6 +84,13 @@ def info(name: str = typer.Argument(..., help="Bundled name, or a model director
     """Everything known about one model: architecture, parameters, training data, held-out metrics."""
     from seqssm.models import load_model
 
+    if _is_chem(name):
+        d = _describe_chem(name)
+        t = Table(title=f"model {d['name']}", show_header=False, title_justify="left")
+        for k, v in d.items():
+            t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
+        console.print(t)
+        return
     loaded = run_guarded(load_model, name)
     d = _describe(loaded)
     t = Table(title=f"model {d['name']}", show_header=False, title_justify="left")

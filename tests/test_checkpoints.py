@@ -148,7 +148,16 @@ def test_unknown_name_lists_bundled_models(tmp_path):
 
 
 def test_bundled_models_load():
+    from seqssm.chem.model_dir import bundled_chem_models, load_chem_model
+
+    chem = bundled_chem_models()
+    assert "s4-chem-moses" in chem
     for name, path in bundled_models().items():
+        if name in chem:
+            assert load_chem_model(name).path == path
+            with pytest.raises(SeqssmError, match="chemical language model"):
+                load_model(name)
+            continue
         loaded = load_model(name)
         assert loaded.name == name and Path(loaded.info["source"]) == path
 

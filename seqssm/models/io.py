@@ -288,6 +288,9 @@ def _config_from_original(d: dict, source) -> HyenaConfig:
 
 
 def _check_model_type(d, source) -> None:
+    if isinstance(d, dict) and d.get("model_type") == "s4-chem":
+        raise SeqssmError(f"{Path(source).parent}: a chemical language model (SMILES), not a DNA model; use it with "
+                          "generate-molecules, score-molecules or finetune-molecules")
     if isinstance(d, dict) and d.get("model_type", MODEL_TYPE) != MODEL_TYPE:
         raise SeqssmError(f"{source}: model_type '{d.get('model_type')}' is not '{MODEL_TYPE}'")
 

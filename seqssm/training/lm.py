@@ -399,8 +399,15 @@ class MetricsLog:
         return out
 
 
-def plot_curves(metrics_path: Path, png_path: Path, *, baseline_ppl: float | None = None) -> None:
-    """Training/validation loss and perplexity against step (matplotlib, Agg), written atomically."""
+DNA_EVAL_SERIES = [("val_loss", "val_ppl", "held-out (ACGT targets)"), (None, "val_shared_ppl", "held-out (shared set)")]
+
+
+def plot_curves(metrics_path: Path, png_path: Path, *, baseline_ppl: float | None = None,
+                eval_series=None, loss_unit: str = "nats per base") -> None:
+    """Training/validation loss and perplexity against step (matplotlib, Agg), written atomically.
+
+    ``eval_series``: (loss key or None, perplexity key, label) per evaluation curve; the default is
+    the DNA held-out pair."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -422,13 +429,15 @@ def plot_curves(metrics_path: Path, png_path: Path, *, baseline_ppl: float | Non
         ax2.plot(s[len(s) - len(smooth):], np.exp(smooth), color="tab:blue", label="train")
     if ev:
         s = [r["step"] for r in ev]
-        ax1.plot(s, [r["val_loss"] for r in ev], "o-", color="tab:orange", label="held-out (ACGT targets)")
-        ax2.plot(s, [r["val_ppl"] for r in ev], "o-", color="tab:orange", label="held-out (ACGT targets)")
-        ax2.plot(s, [r["val_shared_ppl"] for r in ev], "s--", color="tab:green", label="held-out (shared set)")
+        styles = [("o-", "tab:orange"), ("s--", "tab:green"), ("^:", "tab:purple")]
+        for (loss_key, ppl_key, label), (marker, color) in zip(eval_series or DNA_EVAL_SERIES, styles):
+            if loss_key:
+                ax1.plot(s, [r[loss_key] for r in ev], marker, color=color, label=label)
+            ax2.plot(s, [r[ppl_key] for r in ev], marker, color=color, label=label)
     if baseline_ppl:
         ax2.axhline(baseline_ppl, color="tab:red", ls=":", label=f"best Markov ({baseline_ppl:.3f})")
     ax1.set_xlabel("step")
-    ax1.set_ylabel("loss (nats per base)")
+    ax1.set_ylabel(f"loss ({loss_unit})")
     ax2.set_xlabel("step")
     ax2.set_ylabel("perplexity")
     for ax in (ax1, ax2):

@@ -1,0 +1,391 @@
+"""`seqssm pretrain-molecules` and `seqssm finetune-molecules`: train an S4 chemical LM on SMILES.
+
+Read the SMILES file(s) -> drop (and count) the unparsable, over-long and, when fine-tuning, those
+with tokens outside the model's vocabulary -> hold out a validation set (a file, or a seeded
+random fraction) -> train with checkpoints, resume and early stopping -> write the best model
+(by validation loss) into OUTPUT as a model directory (config.json, model.safetensors,
+vocab.json, info.json), which `generate-molecules --model OUTPUT` reads.
+
+Pre-training builds the vocabulary from the training and validation SMILES; fine-tuning keeps
+the pretrained model's vocabulary and architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from seqssm.errors import SeqssmError
+from seqssm.io.atomic import atomic_write_text
+from seqssm.pipelines.output import check_run_budget, prepare_run_dir
+from seqssm.pipelines.progress import JobDisplay
+from seqssm.training.lm import Callbacks, StopRule, latest_in, resolve_device
+from seqssm.training.molecules import MolTrainConfig
+
+MODEL_FILES = ("config.json", "model.safetensors", "vocab.json", "info.json")
+PRETRAIN_DEFAULTS = MolTrainConfig(epochs=10, batch_size=512, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+                                   patience=0)
+FINETUNE_DEFAULTS = MolTrainConfig(epochs=100, batch_size=32, lr=1e-4, min_lr=1e-4, ssm_lr=1e-4,
+                                   schedule="constant", warmup_steps=0, patience=5)
+# Settings a resumed run may change.
+_MUTABLE = {"epochs", "eval_every", "save_every", "patience", "eval_batch_size", "log_every"}
+
+
+@dataclass
+class MoleculeTrainOptions:
+    """Everything the two commands take; ``None`` = the default, the --model's value, or the resumed run's."""
+
+    kind: str  # "pretrain-molecules" or "finetune-molecules"
+    smiles: list = field(default_factory=list)
+    output: Path | str = "molecules-out"
+    model: str | None = None  # finetune: the pretrained chemical LM (bundled name or directory)
+    valid_file: Path | None = None
+    valid_fraction: float | None = None
+    column: str | None = None
+    max_len: int | None = None
+    canonicalize: bool = False
+    d_model: int | None = None
+    n_blocks: int | None = None
+    d_state: int | None = None
+    dropout: float | None = None
+    kernel: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    min_lr: float | None = None
+    ssm_lr: float | None = None
+    schedule: str | None = None
+    warmup_steps: int | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
+    eval_every: int | None = None
+    save_every: int | None = None
+    patience: int | None = None
+    seed: int | None = None
+    device: str = "auto"
+    n_jobs: int = 1
+    resume: bool = False
+    force: bool = False
+    max_minutes: float | None = None
+    max_steps_this_run: int | None = None
+    compile: bool = False
+    quiet: bool = False
+    command: str | None = None
+
+
+@dataclass
+class MoleculeTrainSummary:
+    output: Path
+    finished: bool
+    reason: str
+    step: int
+    max_steps: int
+    epoch: int
+    resumed_from: int | None
+    parameters: int
+    device: str
+    data: dict
+    best: dict | None
+    seconds: float
+    tokens_per_s: float | None
+
+
+def _sha256(paths) -> list[dict]:
+    out = []
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out.append({"path": str(Path(p).resolve()), "sha256": h.hexdigest()})
+    return out
+
+
+def _train_config(opts: MoleculeTrainOptions, saved: dict | None) -> MolTrainConfig:
+    base = FINETUNE_DEFAULTS if opts.kind == "finetune-molecules" else PRETRAIN_DEFAULTS
+    if saved is not None:
+        base = MolTrainConfig(**saved["train_config"])
+    values = asdict(base)
+    for f in fields(MolTrainConfig):
+        given = getattr(opts, f.name, None)
+        if given is None:
+            continue
+        if saved is not None and f.name not in _MUTABLE and given != values[f.name]:
+            raise SeqssmError(f"cannot resume with --{f.name.replace('_', '-')} {given}: the run uses "
+                              f"{values[f.name]} (only {', '.join(sorted(_MUTABLE))} may change)")
+        values[f.name] = given
+    cfg = MolTrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def _read_sets(opts: MoleculeTrainOptions, tokenizer, max_len: int, seed: int, display) -> tuple[list, list, dict]:
+    """Training and validation SMILES after the checks, and what was dropped."""
+    from seqssm.chem.data import prepare_training_set, read_smiles
+
+    smiles: list[str] = []
+    for p in opts.smiles:
+        smiles.extend(read_smiles(p, column=opts.column))
+    if not smiles:
+        raise SeqssmError(f"{', '.join(map(str, opts.smiles))}: no SMILES found")
+    display.log(f"read {len(smiles):,} SMILES from {', '.join(str(p) for p in opts.smiles)}")
+    prepared = prepare_training_set(smiles, tokenizer, max_tokens=max_len - 2, canonicalize=opts.canonicalize,
+                                    n_jobs=opts.n_jobs)
+    _report_skipped(prepared, "training", display)
+    data = {"input_smiles": prepared.n_input, "unparsable": prepared.n_unparsable, "too_long": prepared.n_too_long,
+            "unknown_token": getattr(prepared, "n_unknown_token", 0), "duplicates": prepared.n_duplicates}
+    kept = list(prepared.smiles)
+    if opts.valid_file is not None:
+        vsm = read_smiles(opts.valid_file, column=opts.column)
+        vprep = prepare_training_set(vsm, tokenizer, max_tokens=max_len - 2, canonicalize=opts.canonicalize,
+                                     n_jobs=opts.n_jobs)
+        _report_skipped(vprep, "validation", display)
+        train, valid = kept, list(vprep.smiles)
+        data["validation"] = {"file": str(opts.valid_file), "input_smiles": vprep.n_input,
+                              "unparsable": vprep.n_unparsable, "too_long": vprep.n_too_long}
+    else:
+        frac = opts.valid_fraction if opts.valid_fraction is not None else (
+            0.1 if opts.kind == "finetune-molecules" else 0.05)
+        if not 0 < frac < 1:
+            raise SeqssmError(f"--valid-fraction must be in (0, 1), not {frac}")
+        order = np.random.default_rng([seed, 7]).permutation(len(kept))
+        n_valid = max(1, int(round(frac * len(kept))))
+        if len(kept) - n_valid < 1:
+            raise SeqssmError(f"only {len(kept)} usable SMILES: too few to hold out a validation set")
+        vidx = set(order[:n_valid].tolist())
+        valid = [s for i, s in enumerate(kept) if i in vidx]
+        train = [s for i, s in enumerate(kept) if i not in vidx]
+        data["validation"] = {"fraction": frac, "seed": seed}
+    if not train or not valid:
+        raise SeqssmError("no usable SMILES left for training or validation after the checks")
+    data["train_molecules"] = len(train)
+    data["valid_molecules"] = len(valid)
+    return train, valid, data
+
+
+def _report_skipped(prepared, what: str, display) -> None:
+    for attr, label in (("n_unparsable", "unparsable by RDKit"), ("n_too_long", "longer than the model's maximum"),
+                        ("n_unknown_token", "with tokens outside the model's vocabulary")):
+        n = getattr(prepared, attr, 0)
+        if n:
+            ex = (getattr(prepared, "examples", {}) or {}).get(attr.removeprefix("n_"), [])
+            shown = f" (e.g. {', '.join(ex[:3])})" if ex else ""
+            display.log(f"[yellow]skipped[/] {n:,} {what} SMILES {label}{shown}")
+
+
+class _Display(JobDisplay, Callbacks):
+    def __init__(self, console, *, quiet: bool, title: str):
+        super().__init__(console, quiet=quiet)
+        self.title = title
+        self._t0 = time.monotonic()
+        self._tok0 = 0
+
+    def on_start(self, tr) -> None:
+        self._t0 = time.monotonic()
+        self._tok0 = tr.p.tokens_seen
+        if not self.interactive:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn(f"[bold]{self.title}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task(self.title, total=tr.max_steps, completed=tr.step, epoch="-", loss="-",
+                                           tps="-")
+
+    def _rate(self, tr) -> float:
+        el = time.monotonic() - self._t0
+        return (tr.p.tokens_seen - self._tok0) / el if el > 0 else 0.0
+
+    def on_step(self, tr, rec: dict) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=rec["step"], epoch=f"{rec['epoch']:.2f}",
+                                 loss=f"{rec['loss']:.4f}", tps=f"{self._rate(tr):,.0f}")
+        elif not self.quiet and (rec["step"] % max(tr.cfg.log_every, 1) == 0 or rec["step"] == 1):
+            self.log(f"step {rec['step']}/{tr.max_steps}  epoch {rec['epoch']:.2f}  loss {rec['loss']:.4f}  "
+                     f"lr {rec['lr']:.3g}  {self._rate(tr):,.0f} tok/s  {time.monotonic() - self._t0:.0f} s")
+
+    def on_eval(self, tr, rec: dict) -> None:
+        mark = " [green](best)[/]" if rec.get("improved") else f" (best {tr.p.best['val_loss']:.4f})"
+        self.log(f"[cyan]eval[/] step {rec['step']} epoch {rec['epoch']:.2f}: validation loss {rec['val_loss']:.4f} "
+                 f"nats/token, perplexity {rec['val_ppl']:.4f}{mark}")
+
+    def on_checkpoint(self, tr, path: Path) -> None:
+        if not self.interactive:
+            self.log(f"checkpoint {path}")
+
+
+def run_molecule_training(opts: MoleculeTrainOptions, console=None) -> MoleculeTrainSummary:
+    """Pretrain (or fine-tune) an S4 chemical LM; see the module docstring."""
+    import torch
+    from rich.console import Console
+
+    from seqssm.chem.model_dir import load_chem_model
+    from seqssm.chem.tokenizer import SmilesTokenizer
+    from seqssm.models.s4_chem import S4ChemConfig, S4ChemLM
+    from seqssm.training.molecules import MoleculeTrainer, encode_set
+
+    t_start = time.monotonic()
+    console = console or Console(stderr=True)
+    out = Path(opts.output).expanduser()
+    check_run_budget(opts.max_minutes, opts.max_steps_this_run)
+    finetune = opts.kind == "finetune-molecules"
+    saved = prepare_run_dir(out, kind=opts.kind, resume=opts.resume, force=opts.force,
+                            finished_hint="; use a new output directory (or --force to overwrite it)")
+    if saved is not None:
+        opts.smiles = opts.smiles or [Path(p) for p in saved["smiles"]]
+        if opts.valid_file is None and saved.get("valid_file"):
+            opts.valid_file = Path(saved["valid_file"])
+        if finetune and opts.model is None:
+            opts.model = saved.get("model")
+        for key in ("valid_fraction", "max_len", "canonicalize", "column"):
+            if saved.get(key) is not None and getattr(opts, key) in (None, False):
+                setattr(opts, key, saved[key])
+    if not opts.smiles:
+        raise SeqssmError("no SMILES file given")
+    if finetune and not opts.model:
+        raise SeqssmError("finetune-molecules needs --model (a pretrained chemical LM: bundled name or directory)")
+    device = resolve_device(opts.device)
+    cfg = _train_config(opts, saved)
+
+    with _Display(console, quiet=opts.quiet, title=opts.kind.split("-")[0]) as display:
+        init = None
+        if finetune:
+            init = load_chem_model(opts.model)
+            tokenizer = init.tokenizer
+            model_cfg = init.model.cfg
+            if opts.max_len and opts.max_len != model_cfg.max_len:
+                raise SeqssmError(f"--max-len {opts.max_len}: fine-tuning keeps the model's maximum ({model_cfg.max_len})")
+            max_len = model_cfg.max_len
+            arch_opts = [n for n in ("d_model", "n_blocks", "d_state", "kernel") if getattr(opts, n) is not None]
+            if arch_opts:
+                raise SeqssmError(f"--{arch_opts[0].replace('_', '-')}: fine-tuning keeps the pretrained architecture")
+        else:
+            tokenizer = None
+            max_len = opts.max_len or 100
+            if max_len < 3:
+                raise SeqssmError("--max-len must be at least 3 tokens (bos, one token, eos)")
+
+        fingerprint = _sha256(opts.smiles + ([opts.valid_file] if opts.valid_file else []))
+        if saved is not None and fingerprint != saved["fingerprint"]:
+            raise SeqssmError(f"cannot resume: the SMILES files differ from the run's ({saved['fingerprint'][0]['path']} ...)")
+        train_smiles, valid_smiles, data = _read_sets(opts, tokenizer, max_len, cfg.seed, display)
+
+        if finetune:
+            if opts.dropout is not None:
+                model_cfg = replace(model_cfg, dropout=opts.dropout)
+            model = S4ChemLM(model_cfg)
+            model.load_state_dict(init.model.state_dict())
+        elif saved is not None:
+            tokenizer = SmilesTokenizer(saved["vocabulary"])
+            model = S4ChemLM(S4ChemConfig(**saved["model_config"]))
+        else:
+            tokenizer = SmilesTokenizer.build(train_smiles + valid_smiles)
+            mc = S4ChemConfig(vocab_size=len(tokenizer), max_len=max_len,
+                              pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+            for name in ("d_model", "n_blocks", "d_state", "dropout", "kernel"):
+                if getattr(opts, name) is not None:
+                    setattr(mc, name, getattr(opts, name))
+            torch.manual_seed(cfg.seed)
+            model = S4ChemLM(mc)
+
+        train = encode_set(tokenizer, train_smiles, max_len)
+        valid = encode_set(tokenizer, valid_smiles, max_len)
+        data["train_tokens"] = train.n_targets
+        data["valid_tokens"] = valid.n_targets
+        n_params = sum(p.numel() for p in model.parameters())
+        run = {
+            "kind": opts.kind, "status": "running", "smiles": [str(Path(p).resolve()) for p in opts.smiles],
+            "valid_file": str(Path(opts.valid_file).resolve()) if opts.valid_file else None,
+            "valid_fraction": opts.valid_fraction, "max_len": max_len, "canonicalize": opts.canonicalize,
+            "column": opts.column, "model": opts.model, "fingerprint": fingerprint,
+            "vocabulary": tokenizer.tokens, "model_config": asdict(model.cfg), "train_config": asdict(cfg),
+            "data": data, "parameters": n_params,
+        }
+        run["compile"] = bool(opts.compile and device.type == "cuda")
+        if saved is not None:
+            if bool(saved.get("compile", False)) != run["compile"]:
+                raise SeqssmError("cannot resume: --compile changes the batch layout; resume with the run's setting "
+                                  f"({'with' if saved.get('compile') else 'without'} --compile, on the same kind of device)")
+            for key in ("train_molecules", "valid_molecules"):
+                if saved["data"].get(key) != data.get(key):
+                    raise SeqssmError(f"cannot resume: the data gives {data.get(key)} {key.replace('_', ' ')}, "
+                                      f"the run had {saved['data'].get(key)}")
+            run["started"] = saved.get("started")
+        else:
+            run["started"] = date.today().isoformat()
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "run.json", json.dumps(run, indent=2) + "\n")
+
+        base_info = {"training_data": {"smiles": run["smiles"], "kind": opts.kind, **data},
+                     "pretrained_from": opts.model if finetune else None}
+
+        def save_model(m, directory, info):
+            m.save_pretrained(directory, tokenizer=tokenizer, info={**base_info, **info})
+
+        trainer = MoleculeTrainer(model, train, valid, cfg, run_dir=out, device=device, save_model=save_model,
+                                  callbacks=display, compile=opts.compile and device.type == "cuda")
+        resumed_from = None
+        ckpt = latest_in(out / "checkpoints") if saved is not None else None
+        if ckpt is not None:
+            trainer.resume(ckpt)
+            resumed_from = trainer.step
+            display.log(f"resumed from {ckpt} (step {trainer.step:,}, epoch {trainer.epoch})")
+        else:
+            display.log(f"{opts.kind}: {len(train):,} training / {len(valid):,} validation molecules, "
+                        f"{n_params:,} parameters, vocabulary {len(tokenizer)}, on {device}")
+        outcome = trainer.fit(StopRule(max_minutes=opts.max_minutes, max_steps_this_run=opts.max_steps_this_run))
+
+    seconds = time.monotonic() - t_start
+    rate = None
+    if outcome.step and trainer.p.train_seconds > 0:
+        rate = trainer.p.tokens_seen / trainer.p.train_seconds
+    if outcome.finished:
+        best_dir = out / "best"
+        info = json.loads((best_dir / "info.json").read_text()) if (best_dir / "info.json").is_file() else {}
+        info.update({
+            "training": {"steps": outcome.step, "epochs_run": round(outcome.step / trainer.steps_per_epoch, 3),
+                         "stopped": outcome.reason, "tokens_seen": trainer.p.tokens_seen,
+                         "train_seconds": round(trainer.p.train_seconds, 1), "device": _device_name(device),
+                         "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+                         "train_config": asdict(cfg), "command": opts.command or " ".join(sys.argv)},
+            "validation": outcome.best, "parameters": n_params, "date": date.today().isoformat(),
+        })
+        _publish_best(out, info)
+        run["status"] = "finished"
+        run["best"] = outcome.best
+        atomic_write_text(out / "run.json", json.dumps(run, indent=2) + "\n")
+    return MoleculeTrainSummary(out, outcome.finished, outcome.reason, outcome.step, trainer.max_steps, outcome.epoch,
+                                resumed_from, n_params, _device_name(device), data, outcome.best, seconds, rate)
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def _publish_best(out: Path, info: dict) -> None:
+    """Copy best/ into OUTPUT's top level (info.json last: its presence marks a complete model)."""
+    best = out / "best"
+    if not (best / "model.safetensors").is_file():
+        raise SeqssmError(f"{best}: the best model is missing; the run directory is damaged")
+    (out / "info.json").unlink(missing_ok=True)
+    for name in ("config.json", "model.safetensors", "vocab.json"):
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        shutil.copyfile(best / name, tmp)
+        os.replace(tmp, out / name)
+    atomic_write_text(out / "info.json", json.dumps(info, indent=2, default=str) + "\n")

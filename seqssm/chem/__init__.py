@@ -1,0 +1,1 @@
+"""Chemistry: SMILES tokenisation, molecule data, MOSES metrics and pictures."""

@@ -1,0 +1,96 @@
+"""RMSNorm and the residual add + norm of Mamba blocks, with mamba-ssm's exact semantics.
+
+Mamba blocks are written "add -> norm -> mixer": each block receives the previous mixer output x
+and the running residual r, and computes
+
+    r <- x + r            (r = x in the first block, which has no residual yet)
+    h <- norm(r)          (then h goes through the mixer)
+
+mamba-ssm has two implementations of this, and checkpoints were trained with one or the other
+(`fused_add_norm` in the config; the Caduceus and Mamba checkpoints use the fused one):
+
+* unfused (Block with fused_add_norm=False):
+      r = x + r                       in PyTorch's promoted dtype
+      h = norm(r.to(norm.weight.dtype))
+      r = r.float() if residual_in_fp32
+* fused (the Triton kernel layer_norm_fn / rms_norm_fn with prenorm=True):
+      s = float32(x) + float32(r)     the sum is always formed in float32
+      h = norm(s) computed in float32, returned in x's dtype
+      r = s stored in r's dtype if r was given, else in float32 if residual_in_fp32, else x's dtype
+
+In float32 both give the same numbers; in bf16/fp16 they differ in rounding only.
+`add_norm(..., fused=...)` reproduces either. RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight,
+computed in float32 and returned in x's dtype (mamba-ssm's RMSNorm module; no bias, so its state
+dict has `weight` only). LayerNorm is torch.nn.LayerNorm (state dict `weight`, `bias`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale; parameter `weight` (ones at init), no bias."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x.float(), self.weight, self.bias, self.eps).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight (+ bias), in x's dtype (pass float32 for the kernels' numerics)."""
+    rstd = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
+    y = x * rstd * weight.to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def norm_float32(s: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """norm applied in float32 to a float32 tensor (what the fused kernels compute)."""
+    bias = None if norm.bias is None else norm.bias.float()
+    if isinstance(norm, RMSNorm):
+        return rms_norm(s, norm.weight.float(), bias, norm.eps)
+    if isinstance(norm, nn.LayerNorm):
+        return F.layer_norm(s, norm.normalized_shape, norm.weight.float(), bias, norm.eps)
+    raise TypeError(f"add_norm: expected an RMSNorm or nn.LayerNorm, got {type(norm).__name__}")
+
+
+def add_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm: nn.Module,
+    *,
+    residual_in_fp32: bool = False,
+    prenorm: bool = False,
+    fused: bool = True,
+):
+    """residual <- x + residual; return norm(residual), and the residual too when prenorm.
+
+    `fused` selects mamba-ssm's fused-kernel semantics or its unfused Block code (see the module
+    docstring); `residual` None means the first block (the residual is x itself).
+    """
+    if not isinstance(norm, (RMSNorm, nn.LayerNorm)):
+        raise TypeError(f"add_norm: expected an RMSNorm or nn.LayerNorm, got {type(norm).__name__}")
+    if fused:
+        s = x.float() if residual is None else x.float() + residual.float()
+        out = norm_float32(s, norm).to(x.dtype)
+        if residual is not None:
+            res_dtype = residual.dtype
+        else:
+            res_dtype = torch.float32 if residual_in_fp32 else x.dtype
+        new_residual = s.to(res_dtype)
+    else:
+        new_residual = x if residual is None else x + residual
+        out = norm(new_residual.to(norm.weight.dtype))
+        if residual_in_fp32:
+            new_residual = new_residual.float()
+    return (out, new_residual) if prenorm else out

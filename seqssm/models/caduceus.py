@@ -1,0 +1,598 @@
+"""Caduceus (Schiff et al. 2024): a bidirectional Mamba DNA language model, optionally
+reverse-complement equivariant (Caduceus-PS), trained by masked language modeling.
+
+    input_ids [B, L]
+      -> embeddings                      [B, L, d]      (RCPS: [B, L, 2d] = [forward | rc half])
+      -> n_layer x  Block                residual add + norm, then BiMamba (RCPS: on both halves)
+             BiMamba(h) = Mamba_fwd(h) + flip(Mamba_rev(flip(h)))    (or the product: "ew_multiply")
+      -> residual add + final norm       hidden [B, L, d] (RCPS: [B, L, 2d])
+      -> lm_head                         logits [B, L, padded vocab]; tied to the embeddings
+
+Everything follows the public implementation (kuleshov-group/caduceus, caduceus/modeling_caduceus.py
+and modeling_rcps.py) in computation and in state-dict keys, so the HuggingFace checkpoints
+(kuleshov-group/caduceus-{ph,ps}_seqlen-131k_d_model-256_n_layer-16, ...) load as they are:
+
+    caduceus.backbone.embeddings.word_embeddings.weight         (RCPS: .embedding.weight + .complement_map)
+    caduceus.backbone.layers.{i}.mixer[.submodule].mamba_fwd.*  (mamba-ssm Mamba names: A_log, D,
+    caduceus.backbone.layers.{i}.mixer[.submodule].mamba_rev.*   in_proj, conv1d, x_proj, dt_proj, out_proj)
+    caduceus.backbone.layers.{i}.norm[.submodule].weight        (.submodule: RCPS without fused add-norm)
+    caduceus.backbone.norm_f[.submodule].weight
+    lm_head.weight                                              (RCPS: lm_head.lm_head.weight, lm_head.complement_map)
+
+With bidirectional_weight_tie, mamba_rev's in_proj and out_proj are mamba_fwd's Parameters (the
+state dict lists them under both names; a safetensors file may hold either); a tied lm_head is
+the embedding matrix. Numerics reproduced: the residual add + norm follows the config's
+fused_add_norm (mamba-ssm's fused-kernel semantics, or its unfused Block code; see
+seqssm.layers.norm), including the reference's order of the two halves in the fused RCPS blocks
+(seqssm.layers.rcps.rcps_fused_add_norm). Bidirectional models cannot be streamed window by
+window (the reverse scan needs the whole window); each window is a full forward pass.
+
+Tokens. Caduceus checkpoints use the HF character tokenizer of the reference
+(CaduceusTokenizer): [CLS]=0 [SEP]=1 [BOS]=2 [MASK]=3 [PAD]=4 [RESERVED]=5 [UNK]=6, then
+A=7 C=8 G=9 T=10 N=11; the config's vocab_size is padded to 16 (pad_vocab_size_multiple 8) and
+its complement_map maps ids 7<->10 (A<->T) and 8<->9 (C<->G), every other id to itself. These are
+exactly the ids of seqssm.tokenizers.dna (and its COMPLEMENT_LUT), so our token ids go into the
+model unchanged. Differences of the tokenizers, not of the ids: the reference tokenizer appends
+[SEP] (id 1) when asked for special tokens (embedding code usually does not), pads on the left,
+and turns IUPAC ambiguity codes (R, Y, ...) into [UNK] (6) where ours gives N (11); both
+uppercase soft-masked bases.
+
+Embeddings. `embed` gives one vector per input position, aligned with the forward strand:
+* Caduceus-PS (rcps): the final hidden state is [a | b] (2d channels), a = forward-strand
+  features of each position, b = the reverse-complement strand's, stored channel-reversed
+  (flipLC convention). The strand-invariant embedding of position t is (a[t] + flip_channels(b[t])) / 2:
+  by equivariance, hidden(rc(x))[t] = flipLC(hidden(x))[L-1-t], so embed(rc(x)) = embed(x)
+  reversed in position, exactly.
+* Caduceus-Ph and other non-RCPS models: the hidden state itself [B, L, d]; with conjoin=True the
+  post-hoc conjoined (0.5 * (hidden(x) + hidden(rc(x)) reversed in position)), equally
+  strand-invariant, at twice the cost.
+`embed_pooled` averages them over the positions (of each row's length).
+
+Inputs as in pretraining. The published checkpoints were pretrained (hg38, MLM) on windows in
+which every N had been replaced by [PAD] (id 4) and without a trailing [SEP]: the model never saw
+token 11. `pretraining_inputs(ids)` applies that replacement; use it to feed genome windows the
+way the model was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+from dataclasses import asdict, dataclass, fields
+from itertools import chain
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from seqssm.errors import SeqssmError
+from seqssm.layers.mamba import Block, Mamba
+from seqssm.layers.norm import RMSNorm, add_norm
+from seqssm.layers.rcps import (
+    RCPSAddNormWrapper,
+    RCPSEmbedding,
+    RCPSLMHead,
+    RCPSMambaBlock,
+    rcps_fused_add_norm,
+)
+from seqssm.tokenizers.dna import COMPLEMENT_LUT, N, PAD, VOCAB_SIZE
+
+MODEL_TYPE = "caduceus"
+STRATEGIES = ("add", "ew_multiply")
+MAMBA_OPTIONS = ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale",
+                 "dt_init_floor", "conv_bias", "bias", "use_fast_path")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SHARDED_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SHOW = 5
+
+
+@dataclass
+class CaduceusConfig:
+    """Hyperparameters; field names and defaults are those of the reference CaduceusConfig (config.json).
+
+    ssm_cfg holds the Mamba options (d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init,
+    dt_scale, dt_init_floor, conv_bias, bias, use_fast_path); initializer_cfg initializer_range,
+    rescale_prenorm_residual, n_residuals_per_layer. complement_map maps each token id to its
+    complement's id ({"7": 10, ...} in config.json, ids 0..n-1 in order); ids beyond it (up to the
+    padded vocabulary) are their own complement, as in the reference.
+    """
+
+    d_model: int = 2560
+    n_layer: int = 64
+    vocab_size: int = 50277
+    ssm_cfg: dict | None = None
+    rms_norm: bool = True
+    residual_in_fp32: bool = True
+    fused_add_norm: bool = True
+    pad_vocab_size_multiple: int = 8
+    norm_epsilon: float = 1e-5
+    initializer_cfg: dict | None = None
+    bidirectional: bool = True
+    bidirectional_strategy: str | None = "add"
+    bidirectional_weight_tie: bool = True
+    rcps: bool = False
+    complement_map: dict | None = None
+    tie_word_embeddings: bool = True  # a PretrainedConfig default; the reference ties the LM head
+
+    model_type: ClassVar[str] = MODEL_TYPE
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.bidirectional and self.bidirectional_strategy is None:
+            self.bidirectional_strategy = "add"  # the reference's default
+        if self.bidirectional and self.bidirectional_strategy not in STRATEGIES:
+            raise ValueError(f"bidirectional_strategy must be one of {', '.join(STRATEGIES)}, "
+                             f"got {self.bidirectional_strategy!r}")
+        unknown = sorted(set(self.ssm_cfg or {}) - set(MAMBA_OPTIONS))
+        if unknown:
+            raise ValueError(f"ssm_cfg: unknown Mamba option(s) {', '.join(unknown)}")
+        if self.complement_map is not None:
+            cmap = dict(self.complement_map)
+            if [str(k) for k in cmap] != [str(i) for i in range(len(cmap))]:
+                raise ValueError("complement_map must list token ids 0, 1, 2, ... in order")
+            if any(not 0 <= int(v) < max(len(cmap), self.padded_vocab_size) for v in cmap.values()):
+                raise ValueError("complement_map maps an id outside the vocabulary")
+            if len(cmap) > self.padded_vocab_size:
+                raise ValueError(f"complement_map has {len(cmap)} ids for a vocabulary of {self.padded_vocab_size}")
+            self.complement_map = {str(k): int(v) for k, v in cmap.items()}
+        elif self.rcps:
+            raise ValueError("an RC-equivariant model (rcps) needs a complement_map")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return -(-self.vocab_size // m) * m
+
+    def complement_ids(self) -> list[int]:
+        """complement of every id of the padded vocabulary (ids missing from the map: themselves)."""
+        cmap = [int(v) for v in (self.complement_map or {}).values()]
+        return cmap + list(range(len(cmap), self.padded_vocab_size))
+
+    def to_dict(self) -> dict:
+        return {"model_type": MODEL_TYPE, **asdict(self)}
+
+    def to_hf_dict(self) -> dict:
+        """config.json as the reference writes it: vocabulary padded, complement map extended."""
+        d = self.to_dict()
+        d["architectures"] = ["CaduceusForMaskedLM"]
+        d["vocab_size"] = self.padded_vocab_size
+        if self.complement_map is not None:
+            d["complement_map"] = {str(i): v for i, v in enumerate(self.complement_ids())}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CaduceusConfig":
+        """From a config dict, ignoring keys that are not fields (HF bookkeeping: architectures, auto_map...)."""
+        if d.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise ValueError(f"model_type {d.get('model_type')!r} is not {MODEL_TYPE!r}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ----------------------------------------------------------------------------------------------
+# layers
+
+
+class BiMambaWrapper(nn.Module):
+    """Mamba over the sequence and (bidirectional) another over its reversal, combined.
+
+    out = mamba_fwd(h) + flip(mamba_rev(flip(h)))  ("add"), or their product ("ew_multiply");
+    flip reverses the length axis. With weight_tie, mamba_rev.in_proj / out_proj (weight and bias)
+    are mamba_fwd's Parameters.
+    """
+
+    def __init__(self, d_model: int, bidirectional: bool = True, bidirectional_strategy: str | None = "add",
+                 bidirectional_weight_tie: bool = True, **mamba_kwargs):
+        super().__init__()
+        if bidirectional and bidirectional_strategy is None:
+            bidirectional_strategy = "add"
+        if bidirectional and bidirectional_strategy not in STRATEGIES:
+            raise ValueError(f"bidirectional_strategy must be one of {', '.join(STRATEGIES)}, "
+                             f"got {bidirectional_strategy!r}")
+        self.bidirectional = bidirectional
+        self.bidirectional_strategy = bidirectional_strategy
+        self.mamba_fwd = Mamba(d_model, **mamba_kwargs)
+        if bidirectional:
+            self.mamba_rev = Mamba(d_model, **mamba_kwargs)
+            if bidirectional_weight_tie:
+                self.mamba_rev.in_proj.weight = self.mamba_fwd.in_proj.weight
+                self.mamba_rev.in_proj.bias = self.mamba_fwd.in_proj.bias
+                self.mamba_rev.out_proj.weight = self.mamba_fwd.out_proj.weight
+                self.mamba_rev.out_proj.bias = self.mamba_fwd.out_proj.bias
+        else:
+            self.mamba_rev = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = self.mamba_fwd(hidden_states)
+        if self.bidirectional:
+            rev = self.mamba_rev(hidden_states.flip(1)).flip(1)
+            out = out + rev if self.bidirectional_strategy == "add" else out * rev
+        return out
+
+
+class CaduceusEmbeddings(nn.Module):
+    def __init__(self, config: CaduceusConfig):
+        super().__init__()
+        if config.rcps:
+            self.word_embeddings = RCPSEmbedding(config.padded_vocab_size, config.d_model, config.complement_ids())
+        else:
+            self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.d_model)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+def create_block(config: CaduceusConfig, layer_idx: int) -> nn.Module:
+    mixer = BiMambaWrapper(
+        config.d_model, bidirectional=config.bidirectional, bidirectional_strategy=config.bidirectional_strategy,
+        bidirectional_weight_tie=config.bidirectional_weight_tie, layer_idx=layer_idx, **(config.ssm_cfg or {}),
+    )
+    norm = (RMSNorm if config.rms_norm else nn.LayerNorm)(config.d_model, eps=config.norm_epsilon)
+    block_cls = RCPSMambaBlock if config.rcps else Block
+    block = block_cls(config.d_model, mixer, norm, fused_add_norm=config.fused_add_norm,
+                      residual_in_fp32=config.residual_in_fp32)
+    block.layer_idx = layer_idx
+    return block
+
+
+# ----------------------------------------------------------------------------------------------
+# the models
+
+
+class CaduceusBackbone(nn.Module):
+    """Embeddings, blocks and final norm (the reference's CaduceusMixerModel): ids -> hidden states."""
+
+    def __init__(self, config: CaduceusConfig):
+        super().__init__()
+        self.config = config
+        self.fused_add_norm = config.fused_add_norm
+        self.rcps = config.rcps
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.embeddings = CaduceusEmbeddings(config)
+        self.layers = nn.ModuleList(create_block(config, i) for i in range(config.n_layer))
+        norm_f = (RMSNorm if config.rms_norm else nn.LayerNorm)(config.d_model, eps=config.norm_epsilon)
+        self.norm_f = norm_f if (config.fused_add_norm or not config.rcps) else RCPSAddNormWrapper(norm_f)
+
+    def forward(self, input_ids=None, inputs_embeds=None, output_hidden_states: bool = False):
+        """input_ids [B, L] (or inputs_embeds) -> hidden [B, L, d] ([B, L, 2d] for RCPS).
+
+        With output_hidden_states also the list the reference returns: the input of every block
+        (embeddings, then each block's mixer output) and, with fused_add_norm, the final hidden state.
+        """
+        if inputs_embeds is not None:
+            hidden = inputs_embeds
+        else:
+            if input_ids is None or input_ids.dim() != 2:
+                raise ValueError("input_ids must be [batch, length]")
+            if input_ids.shape[1] == 0:
+                raise ValueError("input_ids has length 0")
+            hidden = self.embeddings(input_ids.long())
+        all_hidden = []
+        residual = None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            hidden, residual = layer(hidden, residual)
+        if not self.fused_add_norm:
+            if self.rcps:
+                hidden = self.norm_f(hidden, residual=residual, prenorm=False)
+            else:
+                hidden = add_norm(hidden, residual, self.norm_f, prenorm=False, fused=False)
+        else:
+            if self.rcps:
+                hidden = rcps_fused_add_norm(hidden, residual, self.norm_f, residual_in_fp32=self.residual_in_fp32,
+                                             prenorm=False, swap_halves=False)
+            else:
+                hidden = add_norm(hidden, residual, self.norm_f, residual_in_fp32=self.residual_in_fp32,
+                                  prenorm=False, fused=True)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+        return (hidden, all_hidden) if output_hidden_states else hidden
+
+
+def rc_token_ids(input_ids: torch.Tensor, complement: torch.Tensor,
+                 lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Reverse complement of token ids [B, L] (each row within its length; padding stays at the right)."""
+    complement = complement.to(input_ids.device)
+    if lengths is None:
+        return complement[input_ids.long().flip(-1)].to(input_ids.dtype)
+    L = input_ids.shape[1]
+    pos = torch.arange(L, device=input_ids.device)
+    lengths = lengths.to(input_ids.device).long()
+    src = (lengths[:, None] - 1 - pos[None, :]).clamp(min=0)
+    rc = complement[input_ids.long().gather(1, src)]
+    return torch.where(pos[None, :] < lengths[:, None], rc, input_ids.long()).to(input_ids.dtype)
+
+
+def pretraining_inputs(input_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids as the published Caduceus checkpoints saw them in pretraining: N (11) -> [PAD] (4)."""
+    return torch.where(input_ids == N, torch.full_like(input_ids, PAD), input_ids)
+
+
+def _flip_rows(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Reverse [B, L, ...] along L within each row's length (positions beyond it are kept)."""
+    if lengths is None:
+        return x.flip(1)
+    L = x.shape[1]
+    pos = torch.arange(L, device=x.device)
+    lengths = lengths.to(x.device).long()
+    src = torch.where(pos[None, :] < lengths[:, None], lengths[:, None] - 1 - pos[None, :], pos[None, :])
+    return x.gather(1, src[..., None].expand_as(x))
+
+
+class Caduceus(nn.Module):
+    """The backbone as the reference's `Caduceus` (HF AutoModel): keys `backbone.*`, plus embeddings."""
+
+    def __init__(self, config: CaduceusConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = CaduceusBackbone(config)
+        if config.complement_map is not None:
+            complement = torch.tensor(config.complement_ids(), dtype=torch.long)
+        else:  # Caduceus checkpoints use the ids of seqssm.tokenizers.dna (see the module docstring)
+            complement = torch.arange(config.padded_vocab_size)
+            known = min(config.padded_vocab_size, VOCAB_SIZE)
+            complement[:known] = torch.from_numpy(COMPLEMENT_LUT[:known].astype("int64"))
+        self.register_buffer("_complement", complement, persistent=False)  # for conjoin; not in the state dict
+
+    def forward(self, input_ids=None, inputs_embeds=None, output_hidden_states: bool = False):
+        return self.backbone(input_ids, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
+
+    def embed(self, input_ids: torch.Tensor, *, conjoin: bool = False,
+              lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position embeddings [B, L, d_model] (float32), aligned with the input (module docstring).
+
+        RCPS models: (forward half + channel-flipped rc half) / 2, strand-invariant by construction.
+        Other models: the hidden state; conjoin=True averages it with the position-reversed hidden
+        state of the reverse complement (complement from config.complement_map, else the DNA
+        tokenizer's; `lengths`: rows right-padded, each reverse-complemented within its length).
+        """
+        d = self.config.d_model
+        if self.config.rcps:
+            h = self(input_ids).float()
+            return 0.5 * (h[..., :d] + h[..., d:].flip(-1))
+        if not conjoin:
+            return self(input_ids).float()
+        both = torch.cat([input_ids, rc_token_ids(input_ids, self._complement, lengths)], dim=0)
+        h = self(both).float()
+        B = input_ids.shape[0]
+        return 0.5 * (h[:B] + _flip_rows(h[B:], lengths))
+
+    def embed_pooled(self, input_ids: torch.Tensor, *, conjoin: bool = False,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of `embed` over each row's first `lengths` positions (all if None): [B, d_model]."""
+        e = self.embed(input_ids, conjoin=conjoin, lengths=lengths)
+        if lengths is None:
+            return e.mean(dim=1)
+        lengths = lengths.to(e.device).long()
+        mask = torch.arange(e.shape[1], device=e.device)[None, :] < lengths[:, None]
+        return (e * mask[..., None]).sum(1) / lengths.clamp(min=1)[:, None].to(e.dtype)
+
+
+def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02,
+                  rescale_prenorm_residual: bool = True, n_residuals_per_layer: int = 1) -> None:
+    """The reference's _init_weights (from mamba-ssm), applied to every module."""
+    if isinstance(module, nn.Linear):
+        if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=initializer_range)
+    if rescale_prenorm_residual:
+        # GPT-2 style: the projections that write into the residual stream start scaled by 1/sqrt(n).
+        for name, p in module.named_parameters():
+            if name in ("out_proj.weight", "fc2.weight"):
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                with torch.no_grad():
+                    p /= math.sqrt(n_residuals_per_layer * n_layer)
+
+
+class CaduceusForMaskedLM(nn.Module):
+    """Caduceus + LM head: input_ids [B, L] -> logits [B, L, padded vocab] (float32).
+
+    Keys `caduceus.backbone.*` and `lm_head.*` as the reference's CaduceusForMaskedLM.
+    """
+
+    def __init__(self, config: CaduceusConfig):
+        super().__init__()
+        self.config = config
+        self.caduceus = Caduceus(config)
+        if config.rcps:
+            self.lm_head = RCPSLMHead(config.d_model, config.padded_vocab_size, config.complement_ids())
+        else:
+            self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        init = dict(config.initializer_cfg or {})
+        unknown = set(init) - {"initializer_range", "rescale_prenorm_residual", "n_residuals_per_layer"}
+        if unknown:
+            raise ValueError(f"initializer_cfg: unknown option(s) {', '.join(sorted(unknown))}")
+        self.apply(lambda m: _init_weights(m, config.n_layer, **init))
+        if config.tie_word_embeddings:
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        emb = self.caduceus.backbone.embeddings.word_embeddings
+        if self.config.rcps:
+            self.lm_head.set_weight(emb.weight)
+        else:
+            self.lm_head.weight = emb.weight
+        self.config.tie_word_embeddings = True
+
+    def forward(self, input_ids=None, inputs_embeds=None) -> torch.Tensor:
+        hidden = self.caduceus(input_ids, inputs_embeds=inputs_embeds)
+        return self.lm_head(hidden).float()
+
+    def embed(self, input_ids, *, conjoin: bool = False, lengths=None) -> torch.Tensor:
+        return self.caduceus.embed(input_ids, conjoin=conjoin, lengths=lengths)
+
+    def embed_pooled(self, input_ids, *, conjoin: bool = False, lengths=None) -> torch.Tensor:
+        return self.caduceus.embed_pooled(input_ids, conjoin=conjoin, lengths=lengths)
+
+    # -- checkpoints
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *,
+                        device: str | torch.device = "cpu") -> "CaduceusForMaskedLM":
+        """Load a HuggingFace-format Caduceus directory: config.json + model.safetensors or pytorch_model.bin.
+
+        Accepts the keys of CaduceusForMaskedLM (`caduceus.backbone.*`, `lm_head.*`), of Caduceus
+        (`backbone.*`: the LM head is then tied to the embeddings) and of
+        CaduceusForSequenceClassification (its `score.*` head is ignored). Tied tensors may be stored
+        under any of their names. .bin files are read with torch.load(weights_only=True).
+        Returns the model in eval mode; `model.load_info` lists ignored keys.
+        """
+        d = Path(directory).expanduser()
+        if not d.is_dir():
+            raise SeqssmError(f"{d}: not a directory")
+        if not (d / "config.json").is_file():
+            raise SeqssmError(f"{d}: no config.json")
+        cfg = _read_json(d / "config.json")
+        if not isinstance(cfg, dict):
+            raise SeqssmError(f"{d / 'config.json'}: expected a JSON object")
+        try:
+            config = CaduceusConfig.from_dict(cfg)
+        except (TypeError, ValueError) as e:
+            raise SeqssmError(f"{d / 'config.json'}: bad Caduceus config: {e}") from None
+        weights = next((d / f for f in WEIGHT_FILES if (d / f).is_file()), None)
+        if weights is None:
+            if any((d / f).is_file() for f in SHARDED_FILES):
+                raise SeqssmError(f"{d}: sharded checkpoints are not supported")
+            raise SeqssmError(f"{d}: no model.safetensors or pytorch_model.bin")
+        raw = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_torch(weights)
+        if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+            raise SeqssmError(f"{weights}: expected a flat mapping of names to tensors")
+        state, ignored = _normalize_keys(raw)
+        config.tie_word_embeddings = bool(config.tie_word_embeddings) and _head_is_tied(config, state)
+        model = cls(config)
+        _load_state(model, state, weights)
+        model.load_info = {"source": str(d), "weights": weights.name, "ignored_keys": ignored}
+        return model.to(device).eval()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json (reference format) and model.safetensors (each shared tensor once,
+        under the first of its names, as HF transformers writes it)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory).expanduser()
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
+        save_file(unique_state_dict(self), str(d / "model.safetensors"), metadata={"format": "pt"})
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint helpers
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every shared tensor once (its first name), contiguous, on the CPU."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+_PREFIXES = (("caduceus.backbone.", "caduceus.backbone."), ("backbone.", "caduceus.backbone."))
+_IGNORED = ("score.",)  # CaduceusForSequenceClassification's head
+
+
+def _normalize_keys(raw: dict) -> tuple[dict, list[str]]:
+    state, ignored = {}, []
+    for key, value in raw.items():
+        if key.startswith(_IGNORED):
+            ignored.append(key)
+            continue
+        for old, new in _PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        state[key] = value
+    return state, ignored
+
+
+def _head_is_tied(config: CaduceusConfig, state: dict) -> bool:
+    """Tied unless the file holds an LM head that differs from the embedding matrix."""
+    emb_key = "caduceus.backbone.embeddings.word_embeddings." + ("embedding.weight" if config.rcps else "weight")
+    head = state.get("lm_head.lm_head.weight" if config.rcps else "lm_head.weight")
+    emb = state.get(emb_key)
+    if head is None:
+        return True
+    return emb is not None and head.shape == emb.shape and torch.equal(head, emb)
+
+
+def _load_state(model: nn.Module, state: dict, source) -> None:
+    expected = model.state_dict()
+    state = dict(state)
+    # Complement maps are config, stored as buffers: fill them in, or check the file's copy.
+    for name, t in expected.items():
+        if name.endswith("complement_map"):
+            if name not in state:
+                state[name] = t.clone()
+            elif not torch.equal(state[name].long(), t):
+                raise SeqssmError(f"{source}: {name} differs from the complement_map of config.json")
+    # Shared Parameters: every name of one tensor, filled from whichever the file holds.
+    aliases: dict[int, list[str]] = {}
+    for name, t in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        if name in expected:
+            aliases.setdefault(id(t), []).append(name)
+    for names in aliases.values():
+        present = [n for n in names if n in state]
+        if len(names) < 2 or not present:
+            continue
+        value = state[present[0]]
+        for n in present[1:]:
+            if state[n].shape != value.shape or not torch.equal(state[n], value):
+                raise SeqssmError(f"{source}: {present[0]} and {n} are one shared tensor in this model "
+                                  f"(config: weight tying) but hold different values")
+        for n in names:
+            state[n] = value
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:_SHOW])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:_SHOW])}")
+        raise SeqssmError(f"{source}: weights do not match a Caduceus model with this config: {'; '.join(parts)}")
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+             for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise SeqssmError(f"{source}: {len(wrong)} tensor(s) have the wrong shape for the config (file vs model), "
+                          f"e.g. {'; '.join(wrong[:_SHOW])}")
+    model.load_state_dict(state, strict=True)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SeqssmError(f"{path}: cannot read JSON: {e}") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # SafetensorError, OSError: corrupt or truncated file
+        raise SeqssmError(f"{path}: cannot read safetensors file: {e}") from None
+
+
+def _read_torch(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" (it holds a pickled {found.group(1)})" if found else ""
+        raise SeqssmError(f"{path}: refusing to load{what}: only plain tensors are read "
+                          "(torch.load(weights_only=True)); re-save the weights as safetensors") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SeqssmError(f"{path}: cannot read torch checkpoint: {e}") from None
