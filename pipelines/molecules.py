@@ -141,6 +141,7 @@ def run_generate(opts: GenerateOptions, console=None) -> GenerateSummary:
     batch_size = min(batch_size, max(opts.n, 1)) if not (opts.valid_only or opts.unique) else batch_size
     sampler = make_sampler(model, batch_size, device=device, temperature=opts.temperature, top_k=opts.top_k,
                            top_p=opts.top_p, fast=opts.fast)
+    model.setup_step()  # discretise once, outside the timed sampling
     max_batches = opts.max_batches or max(20, 20 * -(-opts.n // batch_size))
 
     rows: list[dict] = []
