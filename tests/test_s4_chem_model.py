@@ -270,3 +270,24 @@ def test_bf16_autocast_forward():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
     assert torch.isfinite(out).all() and rel(out.float(), ref) < 5e-2
+
+
+@pytest.mark.parametrize("kernel", ["nplr", "diag"])
+def test_history_step_equals_forward_and_recurrence(kernel):
+    """The convolution-history step (CPU sampling) gives forward()'s logits, like the recurrence."""
+    torch.manual_seed(3)
+    m = S4ChemLM(S4ChemConfig(vocab_size=20, d_model=32, n_blocks=2, d_state=16, dropout=0.0, max_len=24,
+                              kernel=kernel)).eval()
+    tokens = torch.randint(3, 20, (3, 24))
+    with torch.no_grad():
+        full = m(tokens)
+        hist = m.default_state(3, mode="history")
+        rec = m.default_state(3)
+        for t in range(24):
+            a, hist = m.step(tokens[:, t], hist)
+            b, rec = m.step(tokens[:, t], rec)
+            scale = full[:, t].abs().max()
+            assert float((a - full[:, t]).abs().max() / scale) <= 1e-5
+            assert float((a - b).abs().max() / scale) <= 1e-5
+        with pytest.raises(ValueError, match="l_max"):
+            m.step(tokens[:, 0], hist)

@@ -46,6 +46,7 @@ parameters):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -84,6 +85,17 @@ def _version(p: torch.Tensor) -> int:
 
 def _drop_step_cache(module: "S4Layer", incompatible_keys) -> None:
     module._step_cache = None
+
+
+@dataclass
+class KernelHistory:
+    """State of the convolution-history step: the layer's inputs so far, [B, l_max, H] float32,
+    and the position of the next one. y_t = sum_{s<=t} K[t-s] u_s is the same output the
+    recurrence gives (K is its impulse response), at t multiply-adds per channel instead of a
+    pass over the N/2 complex states: much cheaper on a CPU for SMILES-length sequences."""
+
+    hist: torch.Tensor
+    t: int = 0
 
 
 class S4Layer(nn.Module):
@@ -275,15 +287,44 @@ class S4Layer(nn.Module):
         dtype = _as_complex_dtype(dtype or self.D.dtype)
         return torch.zeros(batch, self.H, rec.state_size, dtype=dtype, device=device or self.D.device)
 
+    def history_state(self, batch: int, device=None) -> KernelHistory:
+        """Zero state for the convolution-history step (needs l_max)."""
+        if self.l_max is None:
+            raise ValueError("the convolution-history step needs a layer built with l_max")
+        return KernelHistory(torch.zeros(batch, self.l_max, self.H, device=device or self.D.device))
+
+    @torch.no_grad()
+    def _flipped_kernel(self) -> torch.Tensor:
+        """K(l_max) reversed in time, [l_max, H] float32; cached like the recurrence."""
+        key = ("history", self._step_key())
+        cache = getattr(self, "_history_cache", None)
+        if self.training or cache is None or cache[0] != key:
+            cache = (key, self.kernel(self.l_max).float().flip(-1).t().contiguous())  # [l_max, H]
+            self._history_cache = cache
+        return cache[1]
+
+    def _history_step(self, u: torch.Tensor, state: KernelHistory) -> torch.Tensor:
+        t = state.t
+        if t >= self.l_max:
+            raise ValueError(f"step {t + 1} exceeds this S4 layer's l_max {self.l_max}")
+        state.hist[:, t] = u
+        k = self._flipped_kernel()[self.l_max - 1 - t:]  # [t+1, H]: K[t], ..., K[0]
+        state.t = t + 1
+        # a multiply and a sum over s, contiguous in h (einsum would batch a GEMM per channel)
+        return (state.hist[:, : t + 1] * k).sum(1)
+
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One time step: x [B, H], state [B, H, M] -> (y [B, H], new state). Not differentiable
         through the SSM parameters (the recurrent form is cached without a graph)."""
-        rec = self.recurrence()
         u = x.to(self.D.dtype)
-        if can_fuse(rec, state):  # CUDA: one Triton kernel, the state updated in place
-            y = fused_step(rec, u, state)
+        if isinstance(state, KernelHistory):
+            y = self._history_step(u, state)
         else:
-            y, state = rec.step(u, state)
+            rec = self.recurrence()
+            if can_fuse(rec, state):  # CUDA: one Triton kernel, the state updated in place
+                y = fused_step(rec, u, state)
+            else:
+                y, state = rec.step(u, state)
         y = (y + self.D * u).to(x.dtype)
         y = self.dropout(F.gelu(y))
         return F.glu(self.output_linear(y), dim=-1), state

@@ -201,8 +201,15 @@ class S4ChemLM(nn.Module):
         for layer in self.s4_layers():
             layer.setup_step(diagonalize=diagonalize)
 
-    def default_state(self, batch: int, device=None, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        """Zero states, one [batch, d_model, M] complex tensor per S4 layer (in block order)."""
+    def default_state(self, batch: int, device=None, dtype: torch.dtype | None = None, *,
+                      mode: str = "recurrent") -> list:
+        """Zero states, one per S4 layer (in block order). ``mode="recurrent"``: [batch, d_model, M]
+        complex SSM states; ``mode="history"``: the convolution-history form (S4Layer.KernelHistory),
+        the same outputs at lower cost on CPUs for short sequences."""
+        if mode == "history":
+            return [layer.history_state(batch, device=device) for layer in self.s4_layers()]
+        if mode != "recurrent":
+            raise ValueError(f"mode must be 'recurrent' or 'history', got {mode!r}")
         return [layer.default_state(batch, device=device, dtype=dtype) for layer in self.s4_layers()]
 
     def step(self, token: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
