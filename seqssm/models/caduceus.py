@@ -59,8 +59,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
-import re
 from dataclasses import asdict, dataclass, fields
 from itertools import chain
 from pathlib import Path
@@ -72,6 +70,7 @@ import torch.nn as nn
 from seqssm.errors import SeqssmError
 from seqssm.layers.mamba import Block, Mamba
 from seqssm.layers.norm import RMSNorm, add_norm
+from seqssm.models.io import _read_json, _read_safetensors, _read_torch
 from seqssm.layers.rcps import (
     RCPSAddNormWrapper,
     RCPSEmbedding,
@@ -568,31 +567,3 @@ def _load_state(model: nn.Module, state: dict, source) -> None:
         raise SeqssmError(f"{source}: {len(wrong)} tensor(s) have the wrong shape for the config (file vs model), "
                           f"e.g. {'; '.join(wrong[:_SHOW])}")
     model.load_state_dict(state, strict=True)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise SeqssmError(f"{path}: cannot read JSON: {e}") from None
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # SafetensorError, OSError: corrupt or truncated file
-        raise SeqssmError(f"{path}: cannot read safetensors file: {e}") from None
-
-
-def _read_torch(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" (it holds a pickled {found.group(1)})" if found else ""
-        raise SeqssmError(f"{path}: refusing to load{what}: only plain tensors are read "
-                          "(torch.load(weights_only=True)); re-save the weights as safetensors") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SeqssmError(f"{path}: cannot read torch checkpoint: {e}") from None
