@@ -86,14 +86,14 @@ def _output_kind(path: Path | None) -> str | None:
     raise SeqssmError(f"{path}: output must end in .smi, .csv or .sdf")
 
 
-def _training_set(opts_path: Path | None, info: dict) -> tuple[set | None, str | None]:
+def _training_set(opts_path: Path | None, info: dict, n_jobs: int = 1) -> tuple[set | None, str | None]:
     """Canonical SMILES of the training set, when known: --training-set, else the file the model
     was trained on (if still there), else the MOSES split from a local cache (never downloaded here)."""
     from seqssm.chem.data import canonicalize_many, read_smiles
 
     if opts_path is not None:
         smi = read_smiles(opts_path)
-        can = canonicalize_many(smi)
+        can = canonicalize_many(smi, n_jobs=n_jobs)
         return {c for c in can if c}, str(opts_path)
     data = info.get("training_data") or {}
     if data.get("moses_split"):
@@ -109,7 +109,7 @@ def _training_set(opts_path: Path | None, info: dict) -> tuple[set | None, str |
         smi = []
         for p in files:
             smi.extend(read_smiles(p))
-        can = canonicalize_many(smi)
+        can = canonicalize_many(smi, n_jobs=n_jobs)
         return {c for c in can if c}, ", ".join(map(str, files))
     return None, None
 
@@ -184,7 +184,7 @@ def run_generate(opts: GenerateOptions, console=None) -> GenerateSummary:
                 if len(rows) >= opts.n:
                     break
             bar.advance(added)
-    train, train_name = _training_set(opts.training_set, loaded.info)
+    train, train_name = _training_set(opts.training_set, loaded.info, n_jobs=opts.n_jobs)
     novel = len(valid_canon - train) if train is not None else None
     if opts.output is not None:
         write_molecules(rows, opts.output, kind)
