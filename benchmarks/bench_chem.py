@@ -50,6 +50,8 @@ def bench_sample(args) -> None:
         if device.type == "cuda" and not args.reference_only:
             samplers.append(("cuda-graph", FastSampler(model, B, device=device, bf16=False)))
             samplers.append(("cuda-graph-bf16", FastSampler(model, B, device=device, bf16=True)))
+            samplers.append(("cuda-graph-bf16-fp16-state", FastSampler(model, B, device=device, bf16=True,
+                                                                        half_state=True)))
         for name, sampler in samplers:
             sampler(batch_generator(0, 0, device))  # warm-up (and capture)
             times, steps, ended = [], [], []

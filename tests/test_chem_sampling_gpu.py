@@ -50,3 +50,15 @@ def test_bf16_graph_sampler_stays_close():
     same = (a.tokens == f.tokens).all(dim=1)
     assert float(same.float().mean()) >= 0.8
     assert torch.allclose(a.log_likelihood[same], f.log_likelihood[same], rtol=1e-2, atol=5e-2)
+
+
+def test_half_precision_state_sampler_stays_close():
+    from seqssm.chem.fast_sampler import FastSampler
+
+    m = _model("nplr")
+    dev = torch.device("cuda")
+    a = ReferenceSampler(m, 512, device=dev)(batch_generator(6, 0, dev))
+    f = FastSampler(m, 512, device=dev, bf16=False, half_state=True)(batch_generator(6, 0, dev))
+    same = (a.tokens == f.tokens).all(dim=1)
+    assert float(same.float().mean()) >= 0.8
+    assert torch.allclose(a.log_likelihood[same], f.log_likelihood[same], rtol=1e-2, atol=5e-2)

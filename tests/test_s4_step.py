@@ -45,3 +45,37 @@ def test_triton_step_matches_the_recurrence(mode, B, H, d_state, rows):
         y_ref, ref = rec.step(u, ref)
         assert float((y - y_ref).abs().max() / y_ref.abs().max()) <= 1e-5
         assert float((state - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["nplr", "diag"])
+def test_half_precision_state_follows_the_complex_state(mode):
+    """float16 real/imaginary pairs (the sampler's compact state) track the complex64 state."""
+    layer = _layer(mode, 8, 16, 1).eval()
+    x = torch.randn(20, 2, 8)
+    s_c = layer.default_state(2)
+    s_h = torch.view_as_real(layer.default_state(2)).to(torch.float16).contiguous()
+    with torch.no_grad():
+        for t in range(20):
+            y_c, s_c = layer.step(x[t], s_c)
+            y_h, s_h = layer.step(x[t], s_h)
+            assert s_h.dtype == torch.float16
+            assert float((y_h - y_c).abs().max() / y_c.abs().max()) <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["nplr", "diag"])
+def test_triton_half_state_matches_the_fallback(mode):
+    pytest.importorskip("triton")
+    layer = _layer(mode, 64, 64, 7).cuda()
+    rec = layer.recurrence()
+    state = torch.view_as_real(torch.randn(33, 64, rec.state_size, dtype=torch.complex64, device="cuda"))
+    state = state.to(torch.float16).contiguous()
+    ref = state.clone()
+    for t in range(6):
+        u = torch.randn(33, 64, device="cuda")
+        y = fused_step(rec, u, state)
+        x = torch.view_as_complex(ref.float())
+        y_ref, x = rec.step(u, x)
+        ref.copy_(torch.view_as_real(x))
+        assert float((y - y_ref).abs().max() / y_ref.abs().max()) <= 2e-3  # one fp16 rounding apart at most
+        assert float((state.float() - ref.float()).abs().max() / ref.float().abs().max()) <= 1e-3

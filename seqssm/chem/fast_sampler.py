@@ -23,7 +23,7 @@ class FastSampler:
     name = "recurrent step, CUDA graphs"
 
     def __init__(self, model, batch_size: int, *, device, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, chunk: int = 8, bf16: bool = True):
+                 top_p: float = 1.0, chunk: int = 8, bf16: bool = True, half_state: bool = False):
         self.model = model.eval()
         self.cfg = model.cfg
         self.B = int(batch_size)
@@ -35,14 +35,19 @@ class FastSampler:
         self.T = self.cfg.max_len - 1
         self.bf16 = bf16
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        self.half_state = half_state
         if bf16:
             self.name += ", bf16 matmuls"
+        if half_state:
+            self.name += ", float16 SSM states"
 
     # static buffers, allocated once
     def _alloc(self) -> None:
         B, V, dev = self.B, self.cfg.vocab_size, self.device
         self.model.setup_step()
         self.state = self.model.default_state(B, device=dev)
+        if self.half_state:  # float16 real/imaginary pairs: half the bytes the step moves
+            self.state = [torch.view_as_real(s).to(torch.float16).contiguous() for s in self.state]
         self.tok = torch.full((B,), self.cfg.bos_id, dtype=torch.long, device=dev)
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
         self.ll = torch.zeros(B, dtype=torch.float64, device=dev)

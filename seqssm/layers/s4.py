@@ -53,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seqssm.ops.fftconv import fftconv
-from seqssm.ops.s4_step import can_fuse, fused_step
+from seqssm.ops.s4_step import can_fuse, fused_step, is_half_state
 from seqssm.ops.toeplitz import TOEPLITZ_MAX_LEN, toeplitz_conv
 from seqssm.ops.s4_kernel import (
     Recurrence,
@@ -321,7 +321,7 @@ class S4Layer(nn.Module):
             y = self._history_step(u, state)
         else:
             rec = self.recurrence()
-            if can_fuse(rec, state):  # CUDA: one Triton kernel, the state updated in place
+            if can_fuse(rec, state) or is_half_state(state):  # CUDA: one Triton kernel, state updated in place
                 y = fused_step(rec, u, state)
             else:
                 y, state = rec.step(u, state)

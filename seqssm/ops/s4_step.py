@@ -51,10 +51,12 @@ def _kernels():
             u = tl.load(u_ptr + b * H + h, mask=mh & ok, other=0.0).to(tl.float32)[:, None]
             s = b.to(tl.int64) * H * M * 2 + p
             xr, xi = _ld(x_ptr, s, mr)
+            xr = xr.to(tl.float32)
+            xi = xi.to(tl.float32)
             nr = ar * xr - ai * xi + br * u
             ni = ar * xi + ai * xr + bi * u
-            tl.store(x_ptr + s, nr, mask=mr)
-            tl.store(x_ptr + s + 1, ni, mask=mr)
+            tl.store(x_ptr + s, nr.to(x_ptr.dtype.element_ty), mask=mr)
+            tl.store(x_ptr + s + 1, ni.to(x_ptr.dtype.element_ty), mask=mr)
             tl.store(y_ptr + b * H + h, 2.0 * tl.sum(cr * nr - ci * ni, axis=1), mask=mh & ok)
 
     @triton.jit
@@ -79,6 +81,8 @@ def _kernels():
             u = tl.load(u_ptr + b * H + h, mask=mh & ok, other=0.0).to(tl.float32)[:, None]
             s = b.to(tl.int64) * H * M * 2 + p
             xr, xi = _ld(x_ptr, s, mr)
+            xr = xr.to(tl.float32)
+            xi = xi.to(tl.float32)
             s1 = tl.sum(qr * xr - qi * xi, axis=1)[:, None]  # Re(sum Q x)
             vr = fr * xr - fi * xi + p1r * s1 + b1r * u
             vi = fr * xi + fi * xr + p1i * s1 + b1i * u
@@ -87,8 +91,8 @@ def _kernels():
             s2 = tl.sum(qr * wr - qi * wi, axis=1)[:, None]
             nr = wr + p2r * s2
             ni = wi + p2i * s2
-            tl.store(x_ptr + s, nr, mask=mr)
-            tl.store(x_ptr + s + 1, ni, mask=mr)
+            tl.store(x_ptr + s, nr.to(x_ptr.dtype.element_ty), mask=mr)
+            tl.store(x_ptr + s + 1, ni.to(x_ptr.dtype.element_ty), mask=mr)
             tl.store(y_ptr + b * H + h, 2.0 * tl.sum(cr * nr - ci * ni, axis=1), mask=mh & ok)
 
     return diag_kernel, dplr_kernel
@@ -98,11 +102,18 @@ def triton_available() -> bool:
     return _kernels() is not None
 
 
+def is_half_state(state) -> bool:
+    """A state stored as float16 real/imaginary pairs [B, H, M, 2] (halves the sampler's traffic)."""
+    return isinstance(state, torch.Tensor) and state.dtype == torch.float16 and state.dim() == 4 and state.shape[-1] == 2
+
+
 def can_fuse(rec, state: torch.Tensor) -> bool:
     """Whether ``fused_step`` runs the Triton kernel for this recurrence and state."""
-    M = state.shape[-1]
-    return (state.is_cuda and state.dtype == torch.complex64 and state.is_contiguous() and M & (M - 1) == 0
-            and rec.kind in ("diag", "dplr") and _kernels() is not None)
+    if not isinstance(state, torch.Tensor):
+        return False
+    M = state.shape[-2] if is_half_state(state) else state.shape[-1]
+    return (state.is_cuda and (state.dtype == torch.complex64 or is_half_state(state)) and state.is_contiguous()
+            and M & (M - 1) == 0 and rec.kind in ("diag", "dplr") and _kernels() is not None)
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -110,16 +121,22 @@ def _real(t: torch.Tensor) -> torch.Tensor:
 
 
 def fused_step(rec, u: torch.Tensor, state: torch.Tensor, *, rows: int = 16) -> torch.Tensor:
-    """y [B, H] float32 of one step; ``state`` (complex64 [B, H, M], contiguous) is updated in place.
+    """y [B, H] float32 of one step; ``state`` (complex64 [B, H, M], or float16 pairs [B, H, M, 2]; contiguous)
+    is updated in place (half-precision states are computed in float32 and rounded on store).
 
     Falls back to the recurrence's own step (writing the result into ``state``) when the Triton
     kernel cannot run."""
     if not can_fuse(rec, state):
-        y, new = rec.step(u.to(state.real.dtype), state)
-        state.copy_(new)
+        x = torch.view_as_complex(state.float()) if is_half_state(state) else state
+        y, new = rec.step(u.to(x.real.dtype), x)
+        state.copy_(torch.view_as_real(new) if is_half_state(state) else new)
         return y
-    Bsz, H, M = state.shape
-    x = torch.view_as_real(state)
+    if is_half_state(state):
+        Bsz, H, M, _ = state.shape
+        x = state
+    else:
+        Bsz, H, M = state.shape
+        x = torch.view_as_real(state)
     u = u.float().contiguous()
     y = torch.empty(Bsz, H, device=state.device, dtype=torch.float32)
     # A few channels per program: the 7 parameter tiles stay in registers (no spills) and are
