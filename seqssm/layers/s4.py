@@ -27,7 +27,7 @@ the input's length; longer inputs are refused. "nplr" without l_max converts C t
 forward with a dense matrix power (exact for any length, slower: pass l_max when you know it).
 
 Precision: the kernel is computed in float64 from the (float32) parameters and handed to the
-float32 FFT convolution. It is only H x L numbers, and float32 loses up to ~4e-5 of it (the
+float32 convolution (a batched Toeplitz GEMM for inputs up to 256 tokens, the FFT beyond). It is only H x L numbers, and float32 loses up to ~4e-5 of it (the
 phases l dt Im(w) of the fast modes reach 1e4 radians), which would show as a step/forward
 mismatch. Autocast is off inside; under bf16 autocast the output projection runs in bf16.
 
@@ -41,6 +41,9 @@ parameters):
   "nplr"  exact DPLR step (Woodbury; see s4_kernel.DPLRRecurrence), M = n; or, with
           setup_step(diagonalize=True), the eigendecomposed recurrence (M = 2n) when it passes
           the accuracy check in complex64 -- which it does not near the HiPPO-LegS init.
+Other step states: float16 real/imaginary pairs [batch, H, M, 2] (the fused CUDA step computes
+in float32 and rounds on store; the sampler's compact option), and `KernelHistory` (the inputs so
+far; y_t = sum_s K[t-s] u_s, the same outputs at far less memory traffic on CPUs).
 """
 
 from __future__ import annotations
