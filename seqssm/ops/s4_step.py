@@ -34,8 +34,31 @@ def _kernels():
         return tl.load(ptr + off, mask=mask, other=0.0), tl.load(ptr + off + 1, mask=mask, other=0.0)
 
     @triton.jit
+    def _ld_state(x_ptr, s, p, mask, PAIRS: tl.constexpr):
+        """The state tile as float32 (re, im); with PAIRS one contiguous load of [h, n, 2] pairs."""
+        if PAIRS:
+            c = tl.arange(0, 2)
+            x = tl.load(x_ptr + s + p[:, :, None] + c[None, None, :], mask=mask[:, :, None], other=0.0)
+            xr, xi = tl.split(x.to(tl.float32))
+        else:
+            xr, xi = _ld(x_ptr, s + p, mask)
+            xr = xr.to(tl.float32)
+            xi = xi.to(tl.float32)
+        return xr, xi
+
+    @triton.jit
+    def _st_state(x_ptr, s, p, mask, nr, ni, PAIRS: tl.constexpr):
+        if PAIRS:
+            c = tl.arange(0, 2)
+            tl.store(x_ptr + s + p[:, :, None] + c[None, None, :], tl.join(nr, ni).to(x_ptr.dtype.element_ty),
+                     mask=mask[:, :, None])
+        else:
+            tl.store(x_ptr + s + p, nr.to(x_ptr.dtype.element_ty), mask=mask)
+            tl.store(x_ptr + s + p + 1, ni.to(x_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def diag_kernel(x_ptr, u_ptr, a_ptr, b_ptr, c_ptr, y_ptr, Bsz, H, M: tl.constexpr,
-                    BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+                    BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr):
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         n = tl.arange(0, M)
         mh = h < H
@@ -49,19 +72,16 @@ def _kernels():
             ok = b < Bsz
             mr = m2 & ok
             u = tl.load(u_ptr + b * H + h, mask=mh & ok, other=0.0).to(tl.float32)[:, None]
-            s = b.to(tl.int64) * H * M * 2 + p
-            xr, xi = _ld(x_ptr, s, mr)
-            xr = xr.to(tl.float32)
-            xi = xi.to(tl.float32)
+            s = b.to(tl.int64) * H * M * 2
+            xr, xi = _ld_state(x_ptr, s, p, mr, PAIRS)
             nr = ar * xr - ai * xi + br * u
             ni = ar * xi + ai * xr + bi * u
-            tl.store(x_ptr + s, nr.to(x_ptr.dtype.element_ty), mask=mr)
-            tl.store(x_ptr + s + 1, ni.to(x_ptr.dtype.element_ty), mask=mr)
+            _st_state(x_ptr, s, p, mr, nr, ni, PAIRS)
             tl.store(y_ptr + b * H + h, 2.0 * tl.sum(cr * nr - ci * ni, axis=1), mask=mh & ok)
 
     @triton.jit
     def dplr_kernel(x_ptr, u_ptr, f_ptr, p1_ptr, q_ptr, b1_ptr, e_ptr, p2_ptr, c_ptr, y_ptr, Bsz, H,
-                    M: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+                    M: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PAIRS: tl.constexpr):
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         n = tl.arange(0, M)
         mh = h < H
@@ -79,10 +99,8 @@ def _kernels():
             ok = b < Bsz
             mr = m2 & ok
             u = tl.load(u_ptr + b * H + h, mask=mh & ok, other=0.0).to(tl.float32)[:, None]
-            s = b.to(tl.int64) * H * M * 2 + p
-            xr, xi = _ld(x_ptr, s, mr)
-            xr = xr.to(tl.float32)
-            xi = xi.to(tl.float32)
+            s = b.to(tl.int64) * H * M * 2
+            xr, xi = _ld_state(x_ptr, s, p, mr, PAIRS)
             s1 = tl.sum(qr * xr - qi * xi, axis=1)[:, None]  # Re(sum Q x)
             vr = fr * xr - fi * xi + p1r * s1 + b1r * u
             vi = fr * xi + fi * xr + p1i * s1 + b1i * u
@@ -91,8 +109,7 @@ def _kernels():
             s2 = tl.sum(qr * wr - qi * wi, axis=1)[:, None]
             nr = wr + p2r * s2
             ni = wi + p2i * s2
-            tl.store(x_ptr + s, nr.to(x_ptr.dtype.element_ty), mask=mr)
-            tl.store(x_ptr + s + 1, ni.to(x_ptr.dtype.element_ty), mask=mr)
+            _st_state(x_ptr, s, p, mr, nr, ni, PAIRS)
             tl.store(y_ptr + b * H + h, 2.0 * tl.sum(cr * nr - ci * ni, axis=1), mask=mh & ok)
 
     return diag_kernel, dplr_kernel
@@ -120,7 +137,8 @@ def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t.to(torch.complex64).contiguous())
 
 
-def fused_step(rec, u: torch.Tensor, state: torch.Tensor, *, rows: int = 16) -> torch.Tensor:
+def fused_step(rec, u: torch.Tensor, state: torch.Tensor, *, rows: int = 32, block_h: int | None = None,
+               pairs: bool = True) -> torch.Tensor:
     """y [B, H] float32 of one step; ``state`` (complex64 [B, H, M], or float16 pairs [B, H, M, 2]; contiguous)
     is updated in place (half-precision states are computed in float32 and rounded on store).
 
@@ -140,17 +158,18 @@ def fused_step(rec, u: torch.Tensor, state: torch.Tensor, *, rows: int = 16) -> 
     u = u.float().contiguous()
     y = torch.empty(Bsz, H, device=state.device, dtype=torch.float32)
     # A few channels per program: the 7 parameter tiles stay in registers (no spills) and are
-    # reused for `rows` batch rows.
-    block_h = max(1, 128 // M)
+    # reused for `rows` batch rows; the state moves as contiguous (re, im) pairs. 8 channels x 32
+    # rows was the fastest of the settings tried on an H100 (docs/BENCHMARKS.md).
+    block_h = block_h or max(1, 256 // M)
     grid = (triton_cdiv(Bsz, rows), triton_cdiv(H, block_h))
     diag_kernel, dplr_kernel = _kernels()
     t = {k: _real(v) for k, v in rec.tensors().items()}
     if rec.kind == "diag":
         a, b, c = (t[k] for k in _diag_names(t))
-        diag_kernel[grid](x, u, a, b, c, y, Bsz, H, M=M, BLOCK_H=block_h, ROWS=rows)
+        diag_kernel[grid](x, u, a, b, c, y, Bsz, H, M=M, BLOCK_H=block_h, ROWS=rows, PAIRS=pairs)
     else:
         dplr_kernel[grid](x, u, t["F"], t["P1"], t["Q"], t["B1"], t["E"], t["P2"], t["C"], y, Bsz, H, M=M,
-                          BLOCK_H=block_h, ROWS=rows)
+                          BLOCK_H=block_h, ROWS=rows, PAIRS=pairs)
     return y
 
 
