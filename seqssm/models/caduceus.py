@@ -60,7 +60,6 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from itertools import chain
 from pathlib import Path
 from typing import ClassVar
 
@@ -70,7 +69,7 @@ import torch.nn as nn
 from seqssm.errors import SeqssmError
 from seqssm.layers.mamba import Block, Mamba
 from seqssm.layers.norm import RMSNorm, add_norm
-from seqssm.models.io import _read_json, _read_safetensors, _read_torch
+from seqssm.models.io import _read_json, _read_safetensors, _read_torch, load_matching_state
 from seqssm.layers.rcps import (
     RCPSAddNormWrapper,
     RCPSEmbedding,
@@ -86,7 +85,6 @@ MAMBA_OPTIONS = ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "
                  "dt_init_floor", "conv_bias", "bias", "use_fast_path")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARDED_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_SHOW = 5
 
 
 @dataclass
@@ -536,34 +534,4 @@ def _load_state(model: nn.Module, state: dict, source) -> None:
                 state[name] = t.clone()
             elif not torch.equal(state[name].long(), t):
                 raise SeqssmError(f"{source}: {name} differs from the complement_map of config.json")
-    # Shared Parameters: every name of one tensor, filled from whichever the file holds.
-    aliases: dict[int, list[str]] = {}
-    for name, t in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
-        if name in expected:
-            aliases.setdefault(id(t), []).append(name)
-    for names in aliases.values():
-        present = [n for n in names if n in state]
-        if len(names) < 2 or not present:
-            continue
-        value = state[present[0]]
-        for n in present[1:]:
-            if state[n].shape != value.shape or not torch.equal(state[n], value):
-                raise SeqssmError(f"{source}: {present[0]} and {n} are one shared tensor in this model "
-                                  f"(config: weight tying) but hold different values")
-        for n in names:
-            state[n] = value
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:_SHOW])}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:_SHOW])}")
-        raise SeqssmError(f"{source}: weights do not match a Caduceus model with this config: {'; '.join(parts)}")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-             for k, v in expected.items() if state[k].shape != v.shape]
-    if wrong:
-        raise SeqssmError(f"{source}: {len(wrong)} tensor(s) have the wrong shape for the config (file vs model), "
-                          f"e.g. {'; '.join(wrong[:_SHOW])}")
-    model.load_state_dict(state, strict=True)
+    load_matching_state(model, state, source, "a Caduceus model")

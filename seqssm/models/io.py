@@ -308,10 +308,18 @@ def _decide_tying(config: HyenaConfig, state: dict) -> None:
 
 def _build(config: HyenaConfig, state: dict, source) -> HyenaDNAForCausalLM:
     model = HyenaDNAForCausalLM(config)
+    load_matching_state(model, state, source, "a HyenaDNA model")
+    return model
+
+
+def load_matching_state(model: torch.nn.Module, state: dict, source, what: str) -> None:
+    """Load ``state`` into ``model`` strictly, with one-line errors naming ``source``.
+
+    A tensor the model shares under several names (tied weights) may be stored under any of them;
+    the others are filled in, and copies that disagree are refused. ``what`` names the model in
+    the key-mismatch error ("a HyenaDNA model")."""
     expected = model.state_dict()
     state = dict(state)
-
-    # Every name under which one shared tensor appears in the state dict.
     aliases: dict[int, list[str]] = {}
     for name, t in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
         if name in expected:
@@ -337,7 +345,7 @@ def _build(config: HyenaConfig, state: dict, source) -> HyenaDNAForCausalLM:
             parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:_SHOW])}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:_SHOW])}")
-        raise SeqssmError(f"{source}: weights do not match a HyenaDNA model with this config: {'; '.join(parts)}")
+        raise SeqssmError(f"{source}: weights do not match {what} with this config: {'; '.join(parts)}")
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
     if wrong:
         raise SeqssmError(
@@ -345,7 +353,6 @@ def _build(config: HyenaConfig, state: dict, source) -> HyenaDNAForCausalLM:
             f"e.g. {'; '.join(wrong[:_SHOW])}"
         )
     model.load_state_dict(state, strict=True)
-    return model
 
 
 def _read_json(path: Path):
