@@ -443,20 +443,10 @@ class _Display(JobDisplay, FinetuneCallbacks):
             self.valid_text = _fmt(last.get(f"valid_{tr.metric}"))
         if not self.interactive:
             return
-        from rich.progress import (
-            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]}  valid "
-                       f"{tr.metric} " "{task.fields[valid]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("finetune", total=tr.total_steps, completed=tr.step,
-                                           epoch=f"{tr.epoch + 1}/{tr.cfg.epochs}", loss="-", valid=self.valid_text)
+        self.start_bar("finetune", total=tr.total_steps, completed=tr.step,
+                       fields="epoch {task.fields[epoch]}  loss {task.fields[loss]}  valid " f"{tr.metric} "
+                              "{task.fields[valid]}",
+                       epoch=f"{tr.epoch + 1}/{tr.cfg.epochs}", loss="-", valid=self.valid_text)
 
     def on_step(self, tr: FinetuneTrainer, rec: dict) -> None:
         if self.progress is not None:

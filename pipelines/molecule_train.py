@@ -194,15 +194,9 @@ class _Display(JobDisplay, Callbacks):
         self._tok0 = tr.p.tokens_seen
         if not self.interactive:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn(f"[bold]{self.title}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False)
-        self.progress.start()
-        self.task = self.progress.add_task(self.title, total=tr.max_steps, completed=tr.step, epoch="-", loss="-",
-                                           tps="-")
+        self.start_bar(self.title, total=tr.max_steps, completed=tr.step,
+                       fields="epoch {task.fields[epoch]}  loss {task.fields[loss]}  {task.fields[tps]} tok/s",
+                       epoch="-", loss="-", tps="-")
 
     def _rate(self, tr) -> float:
         el = time.monotonic() - self._t0

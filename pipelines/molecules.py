@@ -115,7 +115,6 @@ def _training_set(opts_path: Path | None, info: dict, n_jobs: int = 1) -> tuple[
 
 
 def run_generate(opts: GenerateOptions, console=None) -> GenerateSummary:
-    import torch
     from rich.console import Console
 
     from seqssm.chem.data import canonicalize_many

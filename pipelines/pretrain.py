@@ -239,17 +239,9 @@ class _Display(JobDisplay, Callbacks):
         self._t0 = time.monotonic()
         if not self.interactive:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  ppl {task.fields[ppl]}  {task.fields[tps]} tok/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("pretrain", total=tr.cfg.max_steps, completed=tr.step,
-                                           loss="-", ppl="-", tps="-")
+        self.start_bar("pretrain", total=tr.cfg.max_steps, completed=tr.step,
+                       fields="loss {task.fields[loss]}  ppl {task.fields[ppl]}  {task.fields[tps]} tok/s",
+                       loss="-", ppl="-", tps="-")
 
     def on_step(self, tr: Trainer, rec: dict) -> None:
         if self.progress is not None:

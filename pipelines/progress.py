@@ -91,6 +91,18 @@ class JobDisplay:
         self.task = None
         self.interactive = console.is_terminal and not quiet
 
+    def start_bar(self, title: str, *, total: int, completed: int, fields: str, **initial) -> None:
+        """Start the step bar: title, bar, steps done/total, the ``fields`` template (Rich task
+        fields, e.g. "loss {task.fields[loss]}"), elapsed time and ETA."""
+        from rich.progress import MofNCompleteColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn(fields),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(title, total=total, completed=completed, **initial)
+
     def log(self, msg: str) -> None:
         if not self.quiet:
             (self.progress.console if self.progress else self.console).print(msg, highlight=False, soft_wrap=True)

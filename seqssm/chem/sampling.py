@@ -118,11 +118,6 @@ def sample_batch_reference(model, batch_size: int, *, max_len: int, temperature:
     return SampleBatch(out[:, :steps].cpu(), ll.cpu(), done.cpu(), steps)
 
 
-def decode_samples(tokenizer, batch: SampleBatch) -> list[str]:
-    """SMILES strings of a sampled batch (unfinished ones are decoded as far as they got)."""
-    return tokenizer.decode_batch(batch.tokens)
-
-
 @torch.no_grad()
 def score_smiles(model, tokenizer, smiles: list[str], *, device: torch.device, batch_size: int = 512) -> np.ndarray:
     """log p(<bos> smiles <eos>) under the model for each SMILES (float64, natural log)."""
