@@ -140,6 +140,23 @@ class HyenaFilter(nn.Module):
             h = self.modulation(t, h)
         return h[0].transpose(0, 1)
 
+    def features(self, L: int) -> torch.Tensor:
+        """The filter MLP up to its last (bias-free) linear layer: [L, filter_order], float32 or wider."""
+        z, _ = self.pos_emb(L)
+        dtype = torch.promote_types(self.implicit_filter[0].weight.dtype, torch.float32)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self.implicit_filter[:-1](z[0].to(dtype))
+
+    def filter_rows(self, features: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+        """Filters of channels c0..c1 from `features`: [c1 - c0, L] in its dtype, = filter(L)[c0:c1]."""
+        L = features.shape[0]
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            w = self.implicit_filter[-1].weight[c0:c1].to(features.dtype)  # [c, filter_order]
+            k = w @ features.T  # [c, L]
+            t = self.pos_emb.t[0, :L, 0].to(features.dtype)
+            window = torch.exp(-t[None, :] * self.modulation.deltas[0, 0, c0:c1, None].abs()) + self.modulation.shift
+            return k * window
+
     def forward(self, v: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
         """Long convolution of v [B, d, L] with the filters (computed here unless given)."""
         L = v.shape[-1]

@@ -27,9 +27,11 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from seqssm.errors import SeqssmError
 from seqssm.layers.hyena import HyenaOperator
+from seqssm.models.hyena_lean import LeanHyenaInference
 
 
 @dataclass
@@ -153,6 +155,12 @@ class HyenaDNAModel(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("mixer.out_proj.weight", "mlp.fc2.weight")):
                 nn.init.normal_(p, std=std)
+        # Inference (eval mode, no autograd) goes through the bounded-memory staged path;
+        # set to None to run the reference layer-by-layer code below instead.
+        self.lean: LeanHyenaInference | None = LeanHyenaInference()
+        # Training at long lengths: keep only each block's input and recompute the block in the
+        # backward pass (a million-token step then needs one block's activations, not all of them).
+        self.gradient_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -175,9 +183,14 @@ class HyenaDNAModel(nn.Module):
             raise ValueError("input_ids has length 0")
         if input_ids.dtype not in (torch.long, torch.int):
             input_ids = input_ids.long()
+        if self.lean is not None and not self.training and not torch.is_grad_enabled():
+            return self.lean(self, input_ids)
         residual = self.dropout(self.embeddings(input_ids)).float()
         for layer in self.layers:
-            residual = layer(residual)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                residual = checkpoint(layer, residual, use_reentrant=False)
+            else:
+                residual = layer(residual)
         return self.ln_f(residual.to(self.ln_f.weight.dtype))
 
 

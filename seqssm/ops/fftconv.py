@@ -5,6 +5,9 @@
 `fftconv` is what the models call: O(L log L), zero-padded to 2L so that the circular
 convolution of the FFT equals the linear (causal) one on the first L outputs.
 `fftconv_ref` is the same sum written as a plain depthwise conv1d, O(L^2), for tests.
+`fftconv_gated_` is the inference form used by the lean HyenaDNA path: rows of a [R, L] buffer are
+transformed a group at a time (bounded scratch at a million tokens), the transform length is the
+next size cuFFT handles fastest rather than exactly 2L, and the output gate is applied on the way out.
 
 Precision: the transform always runs in float32 or wider, with autocast switched off around it.
 cuFFT has no bfloat16 transforms (and half precision only for power-of-two sizes), and a long
@@ -67,3 +70,60 @@ def fftconv_ref(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor) -> torch.Tens
     y = F.conv1d(F.pad(x, (L - 1, 0)), w, groups=H)
     y = y + x * D.to(u.dtype).unsqueeze(-1)
     return y.reshape(*lead, H, L)
+
+
+def fft_length(L: int) -> int:
+    """Smallest n >= 2L - 1 of the form 2^a * 3^b (b <= 1): linear, not circular, convolution.
+
+    Pure powers of two and 3 * 2^k are cuFFT's fastest sizes; 2L itself (e.g. 2,000,000 = 2^7 5^6)
+    can be markedly slower, and n >= 2L - 1 is all the zero padding a causal convolution needs.
+    """
+    need = max(2 * L - 1, 1)
+    best = 1 << (need - 1).bit_length()
+    three = 3 << max((need - 1) // 3, 0).bit_length()
+    while three // 2 >= need and three % 2 == 0:
+        three //= 2
+    return min(best, three) if three >= need else best
+
+
+def fftconv_gated_(
+    v: torch.Tensor,
+    D: torch.Tensor,
+    gate: torch.Tensor,
+    spectrum,
+    *,
+    n: int,
+    rows_per_group: int,
+) -> torch.Tensor:
+    """gate[b, c] <- (causal_conv(v[b, c], k[c]) + D[c] v[b, c]) * gate[b, c], in place, by groups.
+
+    gate: [B, H, L] in any float dtype, overwritten with the result.
+    v: float32 (or float64) [B, H, L], or [B, H, n] already zero past L (then no padded copy is made).
+    spectrum(c0, c1) -> complex [c1 - c0, n // 2 + 1]: rfft(k[c0:c1], n) / n. It is called once
+    per channel group (all batch rows of a group share it), so an uncached filter is transformed
+    once per call, not once per batch row. Scratch is about 16 n bytes per row of a group.
+    """
+    from seqssm.ops.hyena_fused import fft_epilogue
+
+    B, H, L = gate.shape
+    if n < 2 * L - 1:
+        raise ValueError(f"fftconv_gated_: transform length {n} < 2L - 1 = {2 * L - 1}")
+    if D.shape != (H,) or v.shape[:2] != (B, H) or v.shape[-1] not in (L, n):
+        raise ValueError(f"fftconv_gated_: shapes v {tuple(v.shape)}, gate {tuple(gate.shape)}, D {tuple(D.shape)}")
+    padded = v.shape[-1] == n and n != L
+    chans = max(1, rows_per_group // B)
+    bstep = max(1, min(B, rows_per_group))
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        for c0 in range(0, H, chans):
+            c1 = min(c0 + chans, H)
+            k_f = spectrum(c0, c1)
+            for b0 in range(0, B, bstep):
+                b1 = min(b0 + bstep, B)
+                x = v[b0:b1, c0:c1]
+                X = torch.fft.rfft(x) if padded else torch.fft.rfft(x, n=n)
+                X *= k_f
+                y = torch.fft.irfft(X, n=n, norm="forward")
+                del X
+                fft_epilogue(y, x[..., :L], gate[b0:b1, c0:c1], D[c0:c1])
+                del y
+    return gate

@@ -1,0 +1,248 @@
+"""Fused elementwise passes of the lean HyenaDNA forward (models/hyena_lean.py), each beside its twin.
+
+At a million tokens the lean forward is bound by memory traffic; in plain PyTorch each of these
+steps is three to six passes over a [tokens, channels] tensor, several of them through strided
+(transposing) kernels. On CUDA each is one Triton kernel that reads its inputs once and writes its
+outputs once; elsewhere, and whenever Triton is missing, the torch twin runs.
+
+    short_conv_gate   z [B, S+K-1, 3d] -> depthwise causal conv (K taps) -> x0 | x1 | v;
+                      gate[:, :, s0:s0+S] = x0 and vbuf[:, :, s0:s0+S] = v * x1 (channel-major)
+    fft_epilogue      gate = (y[..., :L] + D * x) * gate   (after the inverse transform)
+    layer_norm_to     LayerNorm of float32 rows, written in the compute dtype
+    hyena_filter_into rows of the implicit long filter, k[c, t] = (W[c] . f[t]) (exp(-t |a_c|) + shift),
+                      written straight into a zero-padded transform buffer
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    return all(t.is_cuda for t in tensors) and _kernels() is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# torch twins (the definitions)
+
+
+def short_conv_gate_ref(z, w, bias, gate, vbuf, s0: int, ctx: int) -> None:
+    """z holds rows for times s0-ctx .. s0+S-1 (ctx <= K-1 rows of left context; fewer only at the
+    sequence start, where the missing inputs are zeros). w [3d, K], bias [3d] or None."""
+    B, rows, three_d = z.shape
+    d = three_d // 3
+    K = w.shape[1]
+    S = rows - ctx
+    wide = vbuf.dtype
+    zz = z.to(wide)
+    if ctx < K - 1:
+        zz = F.pad(zz, (0, 0, K - 1 - ctx, 0))
+    ww = w.to(wide)
+    zc = zz[:, 0:S] * ww[:, 0]
+    for j in range(1, K):
+        zc = zc + zz[:, j : j + S] * ww[:, j]
+    if bias is not None:
+        zc = zc + bias.to(wide)
+    x0, x1, v = zc.split(d, dim=-1)
+    gate[:, :, s0 : s0 + S] = x0.transpose(1, 2)
+    vbuf[:, :, s0 : s0 + S] = (v * x1).transpose(1, 2)
+
+
+def fft_epilogue_ref(y, x, gate, D) -> None:
+    """y [B, C, >=L] (inverse transform), x [B, C, L] (its input), gate [B, C, L] (overwritten)."""
+    L = gate.shape[-1]
+    out = (y[..., :L] + x * D[:, None].to(x.dtype)) * gate.to(x.dtype)
+    gate.copy_(out)
+
+
+def hyena_filter_into_ref(out, feats, w, t, deltas, shift: float, scale: float = 1.0) -> None:
+    """out[:, :L] = scale (w @ feats.T) (exp(-t |deltas|) + shift); feats [L, F], w [c, F], t [L], deltas [c]."""
+    L = feats.shape[0]
+    k = w.to(feats.dtype) @ feats.T
+    out[:, :L] = k * (torch.exp(-t[None, :].to(feats.dtype) * deltas[:, None].abs().to(feats.dtype)) + shift) * scale
+
+
+def layer_norm_to_ref(x, weight, bias, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], weight.to(x.dtype), bias.to(x.dtype), eps).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch
+
+
+def short_conv_gate(z, w, bias, gate, vbuf, s0: int, ctx: int) -> None:
+    if not _use_triton(z, gate, vbuf) or vbuf.dtype != torch.float32:
+        return short_conv_gate_ref(z, w, bias, gate, vbuf, s0, ctx)
+    k = _kernels()
+    B, rows, three_d = z.shape
+    d = three_d // 3
+    K = w.shape[1]
+    S = rows - ctx
+    z = z.contiguous()
+    w = w.float().contiguous()
+    b = (bias if bias is not None else torch.zeros(three_d, device=z.device)).float().contiguous()
+    BT, BC = 64, 64
+    grid = (triton_cdiv(S, BT), triton_cdiv(d, BC), B)
+    k.short_conv_gate_kernel[grid](
+        z, w, b, gate, vbuf, S, d, ctx, s0,
+        z.stride(0), z.stride(1), gate.stride(0), gate.stride(1), vbuf.stride(0), vbuf.stride(1),
+        K=K, BT=BT, BC=BC, num_warps=4,
+    )
+
+
+def fft_epilogue(y, x, gate, D) -> None:
+    if not _use_triton(y, x, gate) or y.stride(-1) != 1 or x.stride(-1) != 1 or gate.stride(-1) != 1:
+        return fft_epilogue_ref(y, x, gate, D)
+    k = _kernels()
+    B, C, L = gate.shape
+    BLK = 1024
+    grid = (triton_cdiv(L, BLK), C, B)
+    k.fft_epilogue_kernel[grid](
+        y, x, gate, D.float().contiguous(), L,
+        y.stride(0), y.stride(1), x.stride(0), x.stride(1), gate.stride(0), gate.stride(1),
+        BLK=BLK, num_warps=4,
+    )
+
+
+def layer_norm_to(x, weight, bias, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm over the last dim of a float32 [B, S, d] tensor (any strides with unit last)."""
+    if not _use_triton(x) or x.dtype != torch.float32 or x.stride(-1) != 1 or x.dim() != 3:
+        return layer_norm_to_ref(x, weight, bias, eps, dtype)
+    k = _kernels()
+    B, S, d = x.shape
+    out = torch.empty(B, S, d, device=x.device, dtype=dtype)
+    BD = 1 << (d - 1).bit_length()
+    ROWS = 8
+    grid = (triton_cdiv(S, ROWS), B)
+    k.layer_norm_kernel[grid](
+        x, weight.float().contiguous(), bias.float().contiguous(), out, S, d, eps,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        BD=BD, ROWS=ROWS, num_warps=4,
+    )
+    return out
+
+
+def hyena_filter_into(out, feats, w, t, deltas, shift: float, scale: float = 1.0) -> None:
+    """Float32 only; the dot is split into three TF32 products (float32 accuracy, tensor-core speed)."""
+    if not _use_triton(out, feats) or feats.dtype != torch.float32 or out.stride(-1) != 1:
+        return hyena_filter_into_ref(out, feats, w, t, deltas, shift, scale)
+    k = _kernels()
+    L, Fo = feats.shape
+    C = w.shape[0]
+    BF = max(16, 1 << (Fo - 1).bit_length())
+    BT, BC = 128, max(16, min(64, 1 << (C - 1).bit_length()))  # one channel block per group when it fits
+    grid = (triton_cdiv(L, BT), triton_cdiv(C, BC))
+    k.filter_kernel[grid](
+        out, feats.contiguous(), w.float().contiguous(), t.float().contiguous(), deltas.float().contiguous(),
+        float(shift), float(scale), L, C, Fo, out.stride(0), BF=BF, BT=BT, BC=BC, num_warps=4,
+    )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _kernels():
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # no triton here: the torch twins run
+        return None
+
+    @triton.jit
+    def short_conv_gate_kernel(z_ptr, w_ptr, b_ptr, g_ptr, v_ptr, S, d, ctx, s0,
+                               szb, szt, sgb, sgc, svb, svc,
+                               K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+        pid_t = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        t = pid_t * BT + tl.arange(0, BT)
+        c = pid_c * BC + tl.arange(0, BC)
+        tm = t < S
+        cm = c < d
+        m = tm[:, None] & cm[None, :]
+        zb = z_ptr + b * szb
+        acc0 = tl.zeros((BT, BC), dtype=tl.float32) + tl.load(b_ptr + c, mask=cm, other=0.0)[None, :]
+        acc1 = tl.zeros((BT, BC), dtype=tl.float32) + tl.load(b_ptr + d + c, mask=cm, other=0.0)[None, :]
+        acc2 = tl.zeros((BT, BC), dtype=tl.float32) + tl.load(b_ptr + 2 * d + c, mask=cm, other=0.0)[None, :]
+        for j in tl.static_range(K):
+            row = t - (K - 1) + j + ctx  # row of z holding input time t - (K-1) + j
+            rm = m & (row >= 0)[:, None]
+            off = row.to(tl.int64)[:, None] * szt + c[None, :]
+            z0 = tl.load(zb + off, mask=rm, other=0.0).to(tl.float32)
+            z1 = tl.load(zb + off + d, mask=rm, other=0.0).to(tl.float32)
+            z2 = tl.load(zb + off + 2 * d, mask=rm, other=0.0).to(tl.float32)
+            acc0 += z0 * tl.load(w_ptr + c * K + j, mask=cm, other=0.0)[None, :]
+            acc1 += z1 * tl.load(w_ptr + (d + c) * K + j, mask=cm, other=0.0)[None, :]
+            acc2 += z2 * tl.load(w_ptr + (2 * d + c) * K + j, mask=cm, other=0.0)[None, :]
+        tt = (s0 + t).to(tl.int64)[:, None]
+        cc = c.to(tl.int64)[None, :]
+        tl.store(g_ptr + b * sgb + cc * sgc + tt, acc0.to(g_ptr.dtype.element_ty), mask=m)
+        tl.store(v_ptr + b * svb + cc * svc + tt, acc2 * acc1, mask=m)
+
+    @triton.jit
+    def fft_epilogue_kernel(y_ptr, x_ptr, g_ptr, d_ptr, L, syb, syc, sxb, sxc, sgb, sgc, BLK: tl.constexpr):
+        pid = tl.program_id(0)
+        c = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        t = pid * BLK + tl.arange(0, BLK)
+        m = t < L
+        y = tl.load(y_ptr + b * syb + c * syc + t, mask=m, other=0.0)
+        x = tl.load(x_ptr + b * sxb + c * sxc + t, mask=m, other=0.0)
+        gp = g_ptr + b * sgb + c * sgc + t
+        g = tl.load(gp, mask=m, other=0.0).to(tl.float32)
+        dd = tl.load(d_ptr + c)
+        tl.store(gp, ((y + dd * x) * g).to(g_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def layer_norm_kernel(x_ptr, w_ptr, b_ptr, o_ptr, S, d, eps, sxb, sxs, sob, sos,
+                          BD: tl.constexpr, ROWS: tl.constexpr):
+        pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        r = pid * ROWS + tl.arange(0, ROWS)
+        c = tl.arange(0, BD)
+        rm = r < S
+        cm = c < d
+        m = rm[:, None] & cm[None, :]
+        x = tl.load(x_ptr + b * sxb + r.to(tl.int64)[:, None] * sxs + c[None, :], mask=m, other=0.0)
+        mean = tl.sum(x, axis=1) / d
+        xc = tl.where(m, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / d
+        inv = 1.0 / tl.sqrt(var + eps)
+        w = tl.load(w_ptr + c, mask=cm, other=0.0)
+        bb = tl.load(b_ptr + c, mask=cm, other=0.0)
+        y = xc * inv[:, None] * w[None, :] + bb[None, :]
+        tl.store(o_ptr + b * sob + r.to(tl.int64)[:, None] * sos + c[None, :], y.to(o_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def filter_kernel(o_ptr, f_ptr, w_ptr, t_ptr, a_ptr, shift, scale, L, C, Fo, so,
+                      BF: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+        pid_t = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        t = pid_t * BT + tl.arange(0, BT)
+        c = pid_c * BC + tl.arange(0, BC)
+        j = tl.arange(0, BF)
+        tm = t < L
+        cm = c < C
+        jm = j < Fo
+        f = tl.load(f_ptr + t.to(tl.int64)[:, None] * Fo + j[None, :], mask=tm[:, None] & jm[None, :], other=0.0)
+        w = tl.load(w_ptr + c[:, None] * Fo + j[None, :], mask=cm[:, None] & jm[None, :], other=0.0)
+        acc = tl.dot(w, tl.trans(f), input_precision="tf32x3")  # [BC, BT]; float32-accurate
+        tt = tl.load(t_ptr + t, mask=tm, other=0.0)
+        a = tl.abs(tl.load(a_ptr + c, mask=cm, other=0.0))
+        win = (tl.exp(-tt[None, :] * a[:, None]) + shift) * scale
+        tl.store(o_ptr + c.to(tl.int64)[:, None] * so + t[None, :], acc * win, mask=cm[:, None] & tm[None, :])
+
+    class K:
+        pass
+
+    k = K()
+    k.filter_kernel = filter_kernel
+    k.short_conv_gate_kernel = short_conv_gate_kernel
+    k.fft_epilogue_kernel = fft_epilogue_kernel
+    k.layer_norm_kernel = layer_norm_kernel
+    return k
