@@ -112,3 +112,48 @@ def test_mamba_block_cuda_step_and_windows():
         y2 = m(x[:, 50:], state=s1)
     assert _rel(stepped, full) <= 1e-4
     assert _rel(torch.cat([y1, y2], dim=1), full) <= 1e-4
+
+
+@pytest.mark.parametrize("norm_kind", ["rms", "layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual,residual_in_fp32", [(False, False), (False, True), (True, False)])
+def test_fused_add_norm_kernel_matches_torch(norm_kind, dtype, with_residual, residual_in_fp32):
+    """add_norm(fused=True) on CUDA (mamba-ssm's Triton kernel) against its torch twin, on strided
+    half views as the RCPS blocks pass them; forward, residual dtype and (float32) gradients."""
+    import torch.nn as nn
+
+    from seqssm.layers.norm import RMSNorm, _norm_kernels, add_norm
+
+    if _norm_kernels() is None:
+        pytest.skip("mamba-ssm Triton layer norm not installed")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    norm = (RMSNorm(96) if norm_kind == "rms" else nn.LayerNorm(96)).cuda()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(96, generator=g, device="cuda"))
+        if norm.bias is not None:
+            norm.bias.copy_(0.1 * torch.randn(96, generator=g, device="cuda"))
+    full = torch.randn(3, 257, 192, generator=g, device="cuda").to(dtype)
+    res_full = torch.randn(3, 257, 192, generator=g, device="cuda").to(dtype)
+    outs = {}
+    for backend in ("torch", "cuda"):
+        x = full.clone().requires_grad_(dtype == torch.float32)
+        r = res_full.clone().requires_grad_(dtype == torch.float32)
+        xh = x[..., 96:]  # a strided half, as rcps_fused_add_norm passes it
+        rh = r[..., 96:] if with_residual else None
+        out, res = add_norm(xh, rh, norm, residual_in_fp32=residual_in_fp32, prenorm=True, fused=True,
+                            backend=backend)
+        grads = None
+        if dtype == torch.float32:
+            w = torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(5), device="cuda")
+            (out * w).sum().backward(retain_graph=True)
+            grads = (x.grad.clone(), norm.weight.grad.clone())
+            norm.weight.grad = None
+            if norm.bias is not None:
+                norm.bias.grad = None
+        outs[backend] = (out.detach(), res.detach(), grads)
+    (o_t, r_t, g_t), (o_c, r_c, g_c) = outs["torch"], outs["cuda"]
+    assert o_c.dtype == o_t.dtype == dtype and r_c.dtype == r_t.dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _rel(o_c, o_t) <= tol and _rel(r_c, r_t) <= 1e-6
+    if g_t is not None:
+        assert _rel(g_c[0], g_t[0]) <= 1e-4 and _rel(g_c[1], g_t[1]) <= 1e-4

@@ -124,26 +124,33 @@ class Mamba(nn.Module):
         return conv_state, ssm_state
 
     # -- whole sequences
-    def forward(self, hidden_states: torch.Tensor, state: MambaState | None = None, return_state: bool = False):
+    def forward(self, hidden_states: torch.Tensor, state: MambaState | None = None, return_state: bool = False,
+                flip_channels: bool = False):
         """hidden_states [B, L, d_model] -> [B, L, d_model]; with return_state, also the state after.
 
         `state` (conv_state, ssm_state) is the state before the first position (zeros if None); it
-        is not modified.
+        is not modified. flip_channels: compute flipC(self(flipC(hidden_states))) (flipC reverses
+        the d_model channels) by reversing in_proj's input columns and out_proj's output rows
+        instead of the activations (used by the RC-equivariant blocks).
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: expected [batch, length, {self.d_model}], got {tuple(hidden_states.shape)}")
         batch, L, _ = hidden_states.shape
         if L == 0:
             raise ValueError("Mamba: empty sequence (length 0)")
+        w_in, w_out, b_out = self.in_proj.weight, self.out_proj.weight, self.out_proj.bias
+        if flip_channels:
+            w_in, w_out = w_in.flip(1), w_out.flip(0)
+            b_out = None if b_out is None else b_out.flip(0)
         # in_proj as mamba-ssm computes it: weight @ hidden^T, giving [B, 2 d_inner, L] with length
         # the fastest axis (the layout the conv and scan kernels want).
-        xz = (self.in_proj.weight @ hidden_states.reshape(batch * L, -1).t()).view(-1, batch, L).transpose(0, 1)
+        xz = (w_in @ hidden_states.reshape(batch * L, -1).t()).view(-1, batch, L).transpose(0, 1)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
         A = -torch.exp(self.A_log.float())  # [d_inner, d_state]
 
         if state is None and not return_state and self.use_fast_path and scan_backend(self.backend, xz) == "cuda":
-            fast = _mamba_inner(self, xz, A)
+            fast = _mamba_inner(self, xz, A, w_out, b_out)
             if fast is not None:
                 return fast
 
@@ -158,7 +165,7 @@ class Mamba(nn.Module):
             return_last_state=return_state, initial_state=ssm_state, backend=self.backend,
         )
         y, last = res if return_state else (res, None)
-        out = self.out_proj(y.transpose(1, 2))
+        out = F.linear(y.transpose(1, 2), w_out, b_out)
         if not return_state:
             return out
         # The conv state after the window: the last d_conv inputs of [previous inputs, this window].
@@ -190,7 +197,7 @@ class Mamba(nn.Module):
         return (out.unsqueeze(1) if squeeze else out), conv_state, ssm_state
 
 
-def _mamba_inner(m: Mamba, xz: torch.Tensor, A: torch.Tensor):
+def _mamba_inner(m: Mamba, xz: torch.Tensor, A: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor | None):
     """mamba-ssm's fused conv + scan + out_proj (its training fast path), or None if unavailable."""
     try:
         from causal_conv1d import causal_conv1d_fn  # noqa: F401  (mamba_inner_fn needs it)
@@ -198,8 +205,8 @@ def _mamba_inner(m: Mamba, xz: torch.Tensor, A: torch.Tensor):
     except Exception:
         return None
     return mamba_inner_fn(
-        xz, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight, m.dt_proj.weight, m.out_proj.weight,
-        m.out_proj.bias, A, None, None, m.D.float(), delta_bias=m.dt_proj.bias.float(), delta_softplus=True,
+        xz, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight, m.dt_proj.weight, w_out.contiguous(),
+        b_out, A, None, None, m.D.float(), delta_bias=m.dt_proj.bias.float(), delta_softplus=True,
     )
 
 

@@ -19,12 +19,17 @@ mamba-ssm has two implementations of this, and checkpoints were trained with one
       r = s stored in r's dtype if r was given, else in float32 if residual_in_fp32, else x's dtype
 
 In float32 both give the same numbers; in bf16/fp16 they differ in rounding only.
-`add_norm(..., fused=...)` reproduces either. RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight,
+`add_norm(..., fused=...)` reproduces either. With fused=True on a CUDA tensor it calls that very
+Triton kernel of mamba-ssm when it is installed (one pass over x and r instead of some ten
+elementwise torch kernels over float32 copies), else computes the same in torch
+(backend="torch" forces the torch path; the GPU tests compare the two). RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight,
 computed in float32 and returned in x's dtype (mamba-ssm's RMSNorm module; no bias, so its state
 dict has `weight` only). LayerNorm is torch.nn.LayerNorm (state dict `weight`, `bias`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -54,14 +59,55 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, e
     return y if bias is None else y + bias.to(x.dtype)
 
 
-def norm_float32(s: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+def _affine(norm: nn.Module, flip_weight: bool):
+    """norm's (weight, bias), channel-reversed when flip_weight."""
+    w, b = norm.weight, norm.bias
+    if flip_weight:
+        w = w.flip(-1)
+        b = None if b is None else b.flip(-1)
+    return w, b
+
+
+def norm_float32(s: torch.Tensor, norm: nn.Module, flip_weight: bool = False) -> torch.Tensor:
     """norm applied in float32 to a float32 tensor (what the fused kernels compute)."""
-    bias = None if norm.bias is None else norm.bias.float()
+    w, b = _affine(norm, flip_weight)
+    bias = None if b is None else b.float()
     if isinstance(norm, RMSNorm):
-        return rms_norm(s, norm.weight.float(), bias, norm.eps)
+        return rms_norm(s, w.float(), bias, norm.eps)
     if isinstance(norm, nn.LayerNorm):
-        return F.layer_norm(s, norm.normalized_shape, norm.weight.float(), bias, norm.eps)
+        return F.layer_norm(s, norm.normalized_shape, w.float(), bias, norm.eps)
     raise TypeError(f"add_norm: expected an RMSNorm or nn.LayerNorm, got {type(norm).__name__}")
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_kernels():
+    """(rms_norm_fn, layer_norm_fn) of mamba-ssm's Triton layer norm, or None (imported on first use)."""
+    for mod in ("mamba_ssm.ops.triton.layer_norm", "mamba_ssm.ops.triton.layernorm"):
+        try:
+            m = __import__(mod, fromlist=["rms_norm_fn", "layer_norm_fn"])
+            return m.rms_norm_fn, m.layer_norm_fn
+        except Exception:  # ImportError, or a broken Triton / CUDA setup
+            continue
+    return None
+
+
+def _use_kernel(backend: str, x: torch.Tensor, norm: nn.Module) -> bool:
+    if backend not in ("auto", "torch", "cuda"):
+        raise ValueError(f"add_norm: backend must be auto, torch or cuda, got {backend!r}")
+    if backend == "torch" or not x.is_cuda:
+        if backend == "cuda":
+            raise ValueError(f"add_norm: backend 'cuda' needs tensors on a CUDA device, got {x.device}")
+        return False
+    if isinstance(norm, nn.LayerNorm) and (norm.weight is None or len(norm.normalized_shape) != 1):
+        return False  # the kernel wants an affine norm over the last axis
+    if _norm_kernels() is None:
+        if backend == "cuda":
+            from seqssm.errors import SeqssmError
+
+            raise SeqssmError("add_norm: mamba-ssm's Triton layer-norm kernels are not installed (or failed to "
+                              "import): install them with `pip install \"seqssm[gpu]\"`, or use backend 'torch'")
+        return False
+    return True
 
 
 def add_norm(
@@ -72,17 +118,30 @@ def add_norm(
     residual_in_fp32: bool = False,
     prenorm: bool = False,
     fused: bool = True,
+    backend: str = "auto",
+    flip_weight: bool = False,
 ):
     """residual <- x + residual; return norm(residual), and the residual too when prenorm.
 
     `fused` selects mamba-ssm's fused-kernel semantics or its unfused Block code (see the module
-    docstring); `residual` None means the first block (the residual is x itself).
+    docstring); `residual` None means the first block (the residual is x itself). backend (fused
+    only): "auto" = mamba-ssm's Triton kernel for CUDA tensors when installed, else torch.
+    flip_weight (fused only): use the channel-reversed weight and bias, which gives
+    flip_channels(norm(flip_channels(x + r))) without reversing x and r (a norm's statistics do not
+    depend on the order of the channels; only the order of the float sum in them changes).
     """
     if not isinstance(norm, (RMSNorm, nn.LayerNorm)):
         raise TypeError(f"add_norm: expected an RMSNorm or nn.LayerNorm, got {type(norm).__name__}")
+    if flip_weight and not fused:
+        raise ValueError("add_norm: flip_weight is implemented for the fused semantics only")
+    if fused and _use_kernel(backend, x, norm):
+        rms_norm_fn, layer_norm_fn = _norm_kernels()
+        fn = rms_norm_fn if isinstance(norm, RMSNorm) else layer_norm_fn
+        w, b = _affine(norm, flip_weight)
+        return fn(x, w, b, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32, eps=norm.eps)
     if fused:
         s = x.float() if residual is None else x.float() + residual.float()
-        out = norm_float32(s, norm).to(x.dtype)
+        out = norm_float32(s, norm, flip_weight).to(x.dtype)
         if residual is not None:
             res_dtype = residual.dtype
         else:

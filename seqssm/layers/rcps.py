@@ -9,6 +9,7 @@ weights used on both halves:
     RCPSWrapper     [a, b] -> [f(a), flipLC(f(flipLC(b)))]           f: any [.., L, d] -> [.., L, d]
     RCPSAddNormWrapper   the same for residual add + norm (unfused semantics)
     rcps_fused_add_norm  the same with the fused-kernel semantics, half order as in the reference
+                         (computed without reversing activations; rcps_fused_add_norm_ref: as written there)
     RCPSMambaBlock  add-norm + RCPSWrapper(mixer)
     RCPSLMHead      logits = W a + W[complement] flipC(b): complementing the logits of rc(x) flips them back
 
@@ -67,13 +68,24 @@ class RCPSEmbedding(nn.Module):
 
 
 class RCPSWrapper(nn.Module):
-    """Makes any channel-wise-shaped module f: [.., L, d] -> [.., L, d] RC-equivariant on 2 d channels."""
+    """Makes any channel-wise-shaped module f: [.., L, d] -> [.., L, d] RC-equivariant on 2 d channels.
+
+    A submodule with a `forward_rc(b)` method (BiMambaWrapper) computes flipLC(f(flipLC(b))) itself
+    with fewer copies of the activations (flips folded into its weights); `forward_ref` is the
+    plain definition, kept as the twin it is tested against.
+    """
 
     def __init__(self, submodule: nn.Module):
         super().__init__()
         self.submodule = submodule
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if kwargs or not hasattr(self.submodule, "forward_rc"):
+            return self.forward_ref(x, **kwargs)
+        half = x.shape[-1] // 2
+        return torch.cat([self.submodule(x[..., :half]), self.submodule.forward_rc(x[..., half:])], dim=-1)
+
+    def forward_ref(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         half = x.shape[-1] // 2
         fwd = self.submodule(x[..., :half], **kwargs)
         rc = self.submodule(flip_lc(x[..., half:]), **kwargs)
@@ -107,6 +119,27 @@ class RCPSAddNormWrapper(nn.Module):
 
 
 def rcps_fused_add_norm(x, residual, norm, *, residual_in_fp32: bool, prenorm: bool, swap_halves: bool):
+    """rcps_fused_add_norm_ref without reversing any activation.
+
+    flipLC(norm(flipLC(h))) = norm with the channel-reversed weight applied to h (the norm is per
+    position, and its statistics do not depend on the channel order), and flipLC(flipLC(x) +
+    flipLC(r)) = x + r; so each half is normalized in place, the "reverse-complement" one with the
+    reversed weight. Equal to the reference up to the order of the float sum over channels.
+    """
+    half = x.shape[-1] // 2
+    first, second = (slice(half, None), slice(None, half)) if swap_halves else (slice(None, half), slice(half, None))
+    r1 = None if residual is None else residual[..., first]
+    r2 = None if residual is None else residual[..., second]
+    kw = dict(residual_in_fp32=residual_in_fp32, prenorm=True, fused=True)
+    out1, res1 = add_norm(x[..., first], r1, norm, **kw)
+    out2, res2 = add_norm(x[..., second], r2, norm, flip_weight=True, **kw)
+    out = torch.cat([out1, out2], dim=-1)
+    if not prenorm:
+        return out
+    return out, torch.cat([res1, res2], dim=-1)
+
+
+def rcps_fused_add_norm_ref(x, residual, norm, *, residual_in_fp32: bool, prenorm: bool, swap_halves: bool):
     """Residual add + norm of an RCPS state with the fused-kernel semantics, as the reference computes it.
 
     The reference calls the fused kernel once on a "forward" half and once on the flipLC of the

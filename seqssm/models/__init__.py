@@ -10,8 +10,12 @@ from seqssm.models.heads import (
     save_finetuned,
 )
 from seqssm.models.io import LoadedModel, bundled_models, count_parameters, load_model, save_model
+from seqssm.models.caduceus import CaduceusConfig, CaduceusForMaskedLM, CaduceusStreamState
 
 __all__ = [
+    "CaduceusConfig",
+    "CaduceusForMaskedLM",
+    "CaduceusStreamState",
     "HeadConfig",
     "HyenaBlock",
     "HyenaConfig",

@@ -24,8 +24,22 @@ state dict lists them under both names; a safetensors file may hold either); a t
 the embedding matrix. Numerics reproduced: the residual add + norm follows the config's
 fused_add_norm (mamba-ssm's fused-kernel semantics, or its unfused Block code; see
 seqssm.layers.norm), including the reference's order of the two halves in the fused RCPS blocks
-(seqssm.layers.rcps.rcps_fused_add_norm). Bidirectional models cannot be streamed window by
-window (the reverse scan needs the whole window); each window is a full forward pass.
+(seqssm.layers.rcps.rcps_fused_add_norm). In RCPS models the reverse-complement half is computed
+with channel-reversed weights instead of reversed activations (BiMambaWrapper.forward_rc,
+rcps_fused_add_norm): the same function, up to the order of float sums, with fewer copies of
+[B, L, d] activations per layer (6 fewer); the literal formulas stay as tested twins (*_ref).
+
+Recurrent mode (unbounded context). A causal model (bidirectional=False and rcps=False: a plain
+Mamba stack) can walk a chromosome window by window in constant memory: `embed_stream(ids,
+state)` returns the window's embeddings and the state after it (per layer, the last d_conv conv
+inputs and the SSM state h), and the embeddings of any window equal those of one pass over the
+whole prefix. Each window runs the parallel chunked scan started from the carried h (torch), or,
+on CUDA, mamba-ssm's kernel (which has no initial-state input) plus the exact linear correction
+C[t] . (exp(A * cumsum(delta)[t]) * h0) computed chunk by chunk in torch (see
+seqssm.ops.selective_scan._scan_with_kernel; its cost stops once h0 has decayed to zero).
+Bidirectional and RC-equivariant models read each window right to left too, so a position's
+output depends on bases to its right: they cannot carry a state and raise an error in stream
+mode; embed long sequences with them in overlapping windows (stride < window).
 
 Tokens. Caduceus checkpoints use the HF character tokenizer of the reference
 (CaduceusTokenizer): [CLS]=0 [SEP]=1 [BOS]=2 [MASK]=3 [PAD]=4 [RESERVED]=5 [UNK]=6, then
@@ -67,7 +81,7 @@ import torch
 import torch.nn as nn
 
 from seqssm.errors import SeqssmError
-from seqssm.layers.mamba import Block, Mamba
+from seqssm.layers.mamba import Block, Mamba, MambaState
 from seqssm.layers.norm import RMSNorm, add_norm
 from seqssm.models.io import _read_json, _read_safetensors, _read_torch, load_matching_state
 from seqssm.layers.rcps import (
@@ -141,6 +155,29 @@ class CaduceusConfig:
         elif self.rcps:
             raise ValueError("an RC-equivariant model (rcps) needs a complement_map")
 
+    @classmethod
+    def dna(cls, d_model: int = 256, n_layer: int = 16, *, rcps: bool = True, bidirectional: bool = True,
+            d_state: int = 16, **overrides) -> "CaduceusConfig":
+        """A fresh model's config for seqssm's DNA tokens (the published models' settings otherwise).
+
+        vocab_size 12 (padded to 16), complement_map from the tokenizer (A<->T, C<->G), fused
+        add-norm, RMSNorm, residual in the activations' dtype, d_conv 4, expand 2. rcps=True:
+        Caduceus-PS; rcps=False: Caduceus-Ph; bidirectional=False, rcps=False: a causal Mamba,
+        which can stream (see the module docstring).
+        """
+        ssm_cfg = {"d_state": d_state, "d_conv": 4, "expand": 2, "dt_rank": "auto", "dt_min": 0.001, "dt_max": 0.1,
+                   "dt_init": "random", "dt_scale": 1.0, "dt_init_floor": 1e-4, "conv_bias": True, "bias": False,
+                   "use_fast_path": True}
+        kw = dict(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB_SIZE, ssm_cfg=ssm_cfg, rms_norm=True,
+                  residual_in_fp32=False, fused_add_norm=True, pad_vocab_size_multiple=8, norm_epsilon=1e-5,
+                  initializer_cfg={"initializer_range": 0.02, "rescale_prenorm_residual": True,
+                                   "n_residuals_per_layer": 1},
+                  bidirectional=bidirectional, bidirectional_strategy="add" if bidirectional else None,
+                  bidirectional_weight_tie=True, rcps=rcps,
+                  complement_map={str(i): int(COMPLEMENT_LUT[i]) for i in range(VOCAB_SIZE)})
+        kw.update(overrides)
+        return cls(**kw)
+
     @property
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_size_multiple
@@ -205,10 +242,31 @@ class BiMambaWrapper(nn.Module):
         else:
             self.mamba_rev = None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, state: MambaState | None = None, return_state: bool = False):
+        """[B, L, d] -> [B, L, d]; a state (carried across windows) only for the causal, one-direction mixer."""
+        if state is not None or return_state:
+            if self.bidirectional:
+                raise ValueError("BiMambaWrapper: a bidirectional mixer has no recurrent state (it reads the "
+                                 "window right to left too)")
+            return self.mamba_fwd(hidden_states, state=state, return_state=return_state)
         out = self.mamba_fwd(hidden_states)
         if self.bidirectional:
             rev = self.mamba_rev(hidden_states.flip(1)).flip(1)
+            out = out + rev if self.bidirectional_strategy == "add" else out * rev
+        return out
+
+    def forward_rc(self, b: torch.Tensor) -> torch.Tensor:
+        """flipLC(self(flipLC(b))) (flipLC: reverse length and channels; the RC half of an RCPS block).
+
+        flipLC(fwd(flipLC(b))) = flipL(fwd_c(flipL(b))) and flipLC(flipL(rev(flipL(flipLC(b))))) =
+        rev_c(b), where m_c is m with its channels reversed (Mamba.forward(flip_channels=True):
+        reversed projection weights, no reversed activations); both strategies are elementwise, so
+        they commute with the flips. Two length reversals of [B, L, d] instead of the six copies of
+        the literal formula.
+        """
+        out = self.mamba_fwd(b.flip(1), flip_channels=True).flip(1)
+        if self.bidirectional:
+            rev = self.mamba_rev(b, flip_channels=True)
             out = out + rev if self.bidirectional_strategy == "add" else out * rev
         return out
 
@@ -276,21 +334,82 @@ class CaduceusBackbone(nn.Module):
             if output_hidden_states:
                 all_hidden.append(hidden)
             hidden, residual = layer(hidden, residual)
+        hidden = self._final_norm(hidden, residual)
+        if output_hidden_states and self.fused_add_norm:
+            all_hidden.append(hidden)
+        return (hidden, all_hidden) if output_hidden_states else hidden
+
+    def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The last residual add + norm_f (per position), with the config's fused / unfused semantics."""
         if not self.fused_add_norm:
             if self.rcps:
-                hidden = self.norm_f(hidden, residual=residual, prenorm=False)
-            else:
-                hidden = add_norm(hidden, residual, self.norm_f, prenorm=False, fused=False)
-        else:
-            if self.rcps:
-                hidden = rcps_fused_add_norm(hidden, residual, self.norm_f, residual_in_fp32=self.residual_in_fp32,
-                                             prenorm=False, swap_halves=False)
-            else:
-                hidden = add_norm(hidden, residual, self.norm_f, residual_in_fp32=self.residual_in_fp32,
-                                  prenorm=False, fused=True)
-            if output_hidden_states:
-                all_hidden.append(hidden)
-        return (hidden, all_hidden) if output_hidden_states else hidden
+                return self.norm_f(hidden, residual=residual, prenorm=False)
+            return add_norm(hidden, residual, self.norm_f, prenorm=False, fused=False)
+        if self.rcps:
+            return rcps_fused_add_norm(hidden, residual, self.norm_f, residual_in_fp32=self.residual_in_fp32,
+                                       prenorm=False, swap_halves=False)
+        return add_norm(hidden, residual, self.norm_f, residual_in_fp32=self.residual_in_fp32,
+                        prenorm=False, fused=True)
+
+    # -- recurrent mode (causal models only)
+    @property
+    def is_causal(self) -> bool:
+        """True when the output at a position depends on that position and the ones before it only."""
+        return not self.config.bidirectional and not self.config.rcps
+
+    def check_streamable(self) -> None:
+        if not self.is_causal:
+            kind = "bidirectional" if self.config.bidirectional else "RC-equivariant (its rc strand reads right to left)"
+            raise SeqssmError(
+                f"this Caduceus model is {kind}: its output at a position depends on the bases to its right, so it "
+                "cannot carry a state from one window to the next; embed long sequences in overlapping windows "
+                "(a stride smaller than the window) instead"
+            )
+
+    def forward_stream(self, input_ids: torch.Tensor, state: "CaduceusStreamState | None" = None):
+        """One window of a longer sequence: (hidden [B, L, d], state after the window).
+
+        `state` is the state after the previous windows (None: the sequence starts here); it is not
+        modified. Feeding consecutive windows with the returned state gives the hidden states of
+        one pass over their concatenation (up to float rounding): every layer's Mamba carries its
+        conv inputs and SSM state, and everything else in the model is per position. Each window
+        runs the parallel (chunked) scan from the carried state, not a loop over positions.
+        """
+        self.check_streamable()
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length >= 1], got shape {tuple(input_ids.shape)}")
+        batch = input_ids.shape[0]
+        if state is not None:
+            if len(state.layers) != len(self.layers):
+                raise ValueError(f"stream state has {len(state.layers)} layers, the model {len(self.layers)}")
+            if state.layers[0][0].shape[0] != batch:
+                raise ValueError(f"stream state is for batch {state.layers[0][0].shape[0]}, input batch is {batch}")
+        hidden = self.embeddings(input_ids.long())
+        residual = None
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            hidden, residual, st = layer(hidden, residual, state=None if state is None else state.layers[i],
+                                         return_state=True)
+            new_states.append(st)
+        hidden = self._final_norm(hidden, residual)
+        position = (0 if state is None else state.position) + input_ids.shape[1]
+        return hidden, CaduceusStreamState(new_states, position)
+
+
+@dataclass
+class CaduceusStreamState:
+    """What a causal Caduceus carries from one window to the next.
+
+    layers[i] = (conv_state [B, d_inner, d_conv]: the last d_conv inputs of layer i's convolution,
+    ssm_state [B, d_inner, d_state] float32); position = how many positions have been consumed.
+    Memory is constant in the sequence length.
+    """
+
+    layers: list
+    position: int = 0
+
+    def to(self, device) -> "CaduceusStreamState":
+        return CaduceusStreamState([(c.to(device), h.to(device)) for c, h in self.layers], self.position)
 
 
 def rc_token_ids(input_ids: torch.Tensor, complement: torch.Tensor,
@@ -361,6 +480,18 @@ class Caduceus(nn.Module):
         B = input_ids.shape[0]
         return 0.5 * (h[:B] + _flip_rows(h[B:], lengths))
 
+    @property
+    def is_causal(self) -> bool:
+        return self.backbone.is_causal
+
+    def embed_stream(self, input_ids: torch.Tensor, state: CaduceusStreamState | None = None):
+        """Causal models only: (embeddings [B, L, d_model] float32, state) of one window given the
+        state after the previous ones (see CaduceusBackbone.forward_stream); for any window, equal to
+        `embed` of the whole prefix, restricted to the window. Bidirectional / RC-equivariant models
+        raise a SeqssmError (use overlapping windows)."""
+        hidden, state = self.backbone.forward_stream(input_ids, state)
+        return hidden.float(), state
+
     def embed_pooled(self, input_ids: torch.Tensor, *, conjoin: bool = False,
                      lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of `embed` over each row's first `lengths` positions (all if None): [B, d_model]."""
@@ -428,6 +559,18 @@ class CaduceusForMaskedLM(nn.Module):
 
     def embed_pooled(self, input_ids, *, conjoin: bool = False, lengths=None) -> torch.Tensor:
         return self.caduceus.embed_pooled(input_ids, conjoin=conjoin, lengths=lengths)
+
+    @property
+    def is_causal(self) -> bool:
+        return self.caduceus.is_causal
+
+    def embed_stream(self, input_ids, state: CaduceusStreamState | None = None):
+        return self.caduceus.embed_stream(input_ids, state)
+
+    def forward_stream(self, input_ids, state: CaduceusStreamState | None = None):
+        """Causal models only: (logits [B, L, vocab] float32, state) of one window (see embed_stream)."""
+        hidden, state = self.caduceus.backbone.forward_stream(input_ids, state)
+        return self.lm_head(hidden).float(), state
 
     # -- checkpoints
     @classmethod

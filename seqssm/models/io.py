@@ -1,4 +1,4 @@
-"""Load and save HyenaDNA models without ever unpickling arbitrary objects.
+"""Load and save HyenaDNA and Caduceus models without ever unpickling arbitrary objects.
 
 Accepted by `load_model`:
 
@@ -16,6 +16,13 @@ Accepted by `load_model`:
   "state_dict" keyed `model.backbone.*`; the model config from "hyper_parameters" (["model"]) or,
   failing that, a config.json beside the file (original nested format with a "layer" section,
   or the HF flat format).
+
+* a Caduceus directory (config.json with model_type "caduceus"): HuggingFace format
+  (kuleshov-group/caduceus-*: config.json + model.safetensors or pytorch_model.bin, keys
+  `caduceus.backbone.*` / `backbone.*`; max length from tokenizer_config.json's model_max_length,
+  else from config.json, else 131,072, the length the published models were trained at), or a
+  seqssm one as `save_model` writes it (the same config.json, which stays loadable by the
+  reference code, + model.safetensors + tokenizer.json + training.json);
 
 Tensors come from safetensors, or from torch.load(..., weights_only=True). A file that
 weights_only refuses is reported as a SeqssmError; there is no fallback to full unpickling.
@@ -48,16 +55,106 @@ from seqssm.tokenizers.dna import VOCAB_SIZE, DNATokenizer
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training.json")
 MODEL_TYPE = "hyenadna"
+CADUCEUS = "caduceus"
+# Window length of the published Caduceus checkpoints, for HF directories that do not say.
+CADUCEUS_DEFAULT_MAX_LENGTH = 131072
 _SHOW = 5  # how many keys an error message lists
 
 
 @dataclass
 class LoadedModel:
-    model: HyenaDNAForCausalLM  # in eval mode, on the requested device
+    """A DNA language model ready for use, whatever its architecture.
+
+    The embed pipeline needs only: `max_length`, `dim`, `embed(ids, rc_average=...)` and, for
+    `--stream`, `can_stream` / `embed_stream(ids, state)`; `architecture` describes the model.
+    """
+
+    model: torch.nn.Module  # HyenaDNAForCausalLM or CaduceusForMaskedLM, in eval mode, on the requested device
     tokenizer: DNATokenizer
-    config: HyenaConfig
+    config: object  # HyenaConfig or CaduceusConfig
     info: dict = field(default_factory=dict)  # training.json + "source" + "format"
     name: str = ""
+    # Feed N (id 11) as [PAD] (4): the published Caduceus checkpoints never saw token 11 (their
+    # pretraining replaced N by [PAD]); models trained here see N as N.
+    n_as_pad: bool = False
+
+    @property
+    def model_type(self) -> str:
+        """"hyenadna" or "caduceus"."""
+        return CADUCEUS if _is_caduceus(self.model) else MODEL_TYPE
+
+    @property
+    def max_length(self) -> int:
+        """The longest window the model takes: HyenaDNA's filter length, else the tokenizer's model_max_length."""
+        if self.model_type == MODEL_TYPE:
+            return int(self.config.max_seq_len)
+        return int(self.tokenizer.model_max_length)
+
+    @property
+    def dim(self) -> int:
+        """Width of the per-position embeddings returned by `embed` (d_model; Caduceus-PS: d_model too)."""
+        return int(self.config.d_model)
+
+    @property
+    def is_causal(self) -> bool:
+        """The embedding of a position depends on it and the positions before it only."""
+        return True if self.model_type == MODEL_TYPE else self.model.is_causal
+
+    @property
+    def strand_invariant(self) -> bool:
+        """`embed` of the reverse complement is `embed` reversed in position, by construction (Caduceus-PS)."""
+        return self.model_type == CADUCEUS and bool(self.config.rcps)
+
+    @property
+    def can_stream(self) -> bool:
+        """`embed_stream` is available: causal Mamba models (Caduceus with bidirectional=False, rcps=False)."""
+        return self.model_type == CADUCEUS and self.model.is_causal
+
+    @property
+    def architecture(self) -> str:
+        cfg = self.config
+        if self.model_type == MODEL_TYPE:
+            return f"HyenaDNA (d_model {cfg.d_model}, {cfg.n_layer} layers, order {cfg.hyena_order})"
+        if cfg.rcps:
+            kind = "Caduceus-PS (bidirectional, RC-equivariant)"
+        elif cfg.bidirectional:
+            kind = "Caduceus-Ph (bidirectional)"
+        else:
+            kind = "Caduceus / Mamba (causal)"
+        d_state = (cfg.ssm_cfg or {}).get("d_state", 16)
+        return f"{kind} (d_model {cfg.d_model}, {cfg.n_layer} layers, d_state {d_state})"
+
+    def prepare_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids as the model was trained on them (N -> [PAD] when n_as_pad)."""
+        if not self.n_as_pad:
+            return ids
+        from seqssm.tokenizers.dna import N, PAD
+
+        return torch.where(ids == N, torch.full_like(ids, PAD), ids)
+
+    def embed(self, ids: torch.Tensor, *, rc_average: bool = False) -> torch.Tensor:
+        """ids [B, L] (int, on the model's device) -> float32 per-position embeddings [B, L, dim], aligned
+        with the input. rc_average: average with the position-reversed embeddings of the reverse
+        complement (strand-symmetric; a no-op for Caduceus-PS, which is strand-invariant already).
+        Runs under whatever autocast the caller sets; no gradient is disabled here."""
+        if self.model_type == MODEL_TYPE:
+            from seqssm.tokenizers.dna import reverse_complement
+
+            h = self.model.backbone(ids).float()
+            if rc_average:
+                h = 0.5 * (h + self.model.backbone(reverse_complement(ids)).float().flip(1))
+            return h
+        x = self.prepare_inputs(ids)
+        return self.model.embed(x, conjoin=rc_average and not self.config.rcps)
+
+    def embed_stream(self, ids: torch.Tensor, state=None):
+        """Causal models: (embed of the window [B, L, dim] float32, state after it), given the state after
+        the previous windows (None at the start); consecutive windows give exactly the embeddings of
+        one pass over the whole prefix, in constant memory. Other models raise a SeqssmError."""
+        if self.model_type != CADUCEUS:
+            raise SeqssmError(f"model {self.name or 'HyenaDNA'}: HyenaDNA has no recurrent (streaming) mode here; "
+                              "embed in windows instead")
+        return self.model.embed_stream(self.prepare_inputs(ids), state)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -104,7 +201,17 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device = 
     return loaded
 
 
+def _is_caduceus(model) -> bool:
+    from seqssm.models.caduceus import CaduceusForMaskedLM
+
+    return isinstance(model, CaduceusForMaskedLM)
+
+
 def _load_dir(d: Path) -> LoadedModel:
+    if (d / "config.json").is_file():
+        cfg = _read_json(d / "config.json")
+        if isinstance(cfg, dict) and cfg.get("model_type") == CADUCEUS:
+            return _load_caduceus(d, cfg)
     if (d / "tokenizer.json").is_file() and (d / "model.safetensors").is_file():
         tok = _read_json(d / "tokenizer.json")
         if isinstance(tok, dict) and tok.get("type") == "dna-char":
@@ -172,6 +279,51 @@ def _load_hf(d: Path) -> LoadedModel:
     if ignored:
         info["ignored_keys"] = ignored
     return LoadedModel(model, tokenizer, config, info)
+
+
+def _load_caduceus(d: Path, cfg: dict) -> LoadedModel:
+    """A Caduceus directory: seqssm format (tokenizer.json of type dna-char) or HuggingFace format."""
+    from seqssm.models.caduceus import CaduceusForMaskedLM
+
+    model = CaduceusForMaskedLM.from_pretrained(d)
+    tok = _read_json(d / "tokenizer.json") if (d / "tokenizer.json").is_file() else None
+    info: dict = {}
+    if isinstance(tok, dict) and tok.get("type") == "dna-char":
+        try:
+            tokenizer = DNATokenizer.from_dict(tok)
+        except ValueError as e:
+            raise SeqssmError(f"{d / 'tokenizer.json'}: {e}") from None
+        if (d / "training.json").is_file():
+            info = _read_json(d / "training.json")
+            if not isinstance(info, dict):
+                raise SeqssmError(f"{d / 'training.json'}: expected a JSON object")
+        fmt, n_as_pad = "seqssm", bool(cfg.get("seqssm_n_as_pad", False))
+    else:
+        tokenizer = DNATokenizer(model_max_length=_caduceus_max_length(d, cfg))
+        fmt, n_as_pad = "hf", bool(cfg.get("seqssm_n_as_pad", True))
+    if model.load_info.get("ignored_keys"):
+        info["ignored_keys"] = model.load_info["ignored_keys"]
+    info.update(source=str(d), format=fmt)
+    return LoadedModel(model, tokenizer, model.config, info, n_as_pad=n_as_pad)
+
+
+def _caduceus_max_length(d: Path, cfg: dict) -> int:
+    """tokenizer_config.json's model_max_length (131072 for the published checkpoints), else a length in
+    config.json, else CADUCEUS_DEFAULT_MAX_LENGTH. (Caduceus has no positional limit: this is the
+    window length the model was trained on, which the embed pipeline uses as its default window.)"""
+    p = d / "tokenizer_config.json"
+    candidates = []
+    if p.is_file():
+        try:
+            candidates.append(json.loads(p.read_text()).get("model_max_length"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    candidates += [cfg.get(k) for k in ("model_max_length", "max_seq_len", "max_position_embeddings")]
+    for n in candidates:
+        # HF writes a huge sentinel (int(1e30)) when a tokenizer has no limit: not a length
+        if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 31:
+            return n
+    return CADUCEUS_DEFAULT_MAX_LENGTH
 
 
 def _hf_max_length(d: Path, config: HyenaConfig) -> int:
@@ -407,21 +559,27 @@ def prepare_model_target(directory) -> Path:
 
 
 def save_model(
-    model: HyenaDNAForCausalLM,
+    model: torch.nn.Module,
     directory: str | os.PathLike,
     *,
     tokenizer: DNATokenizer,
     info: dict | None = None,
+    n_as_pad: bool = False,
 ) -> Path:
     """Write a seqssm model directory atomically; return its path.
 
-    Files: config.json, model.safetensors (each shared tensor once), tokenizer.json and, when
-    `info` is given, training.json (without the "source"/"format" keys that load_model adds).
+    `model`: a HyenaDNAForCausalLM or a CaduceusForMaskedLM. Files: config.json,
+    model.safetensors (each shared tensor once), tokenizer.json and, when `info` is given,
+    training.json (without the "source"/"format" keys that load_model adds). A Caduceus config.json
+    is the reference's (CaduceusConfig.to_hf_dict, so the directory also loads as a HuggingFace
+    checkpoint) plus "seqssm_version" and "seqssm_n_as_pad" (`n_as_pad`: the model was trained with
+    N fed as [PAD], see LoadedModel.n_as_pad; HyenaDNA ignores it).
     Everything is written to a temporary directory beside the target, then renamed into place.
     An existing target is replaced only if it holds nothing but these files.
     """
-    if not isinstance(model, HyenaDNAForCausalLM):
-        raise TypeError(f"save_model: expected a HyenaDNAForCausalLM, got {type(model).__name__}")
+    caduceus = _is_caduceus(model)
+    if not caduceus and not isinstance(model, HyenaDNAForCausalLM):
+        raise TypeError(f"save_model: expected a HyenaDNAForCausalLM or CaduceusForMaskedLM, got {type(model).__name__}")
     if not isinstance(tokenizer, DNATokenizer):
         raise TypeError(f"save_model: expected a DNATokenizer, got {type(tokenizer).__name__}")
     from safetensors.torch import save_file
@@ -430,7 +588,10 @@ def save_model(
 
     target = prepare_model_target(directory)
 
-    config = {"model_type": MODEL_TYPE, "seqssm_version": __version__, **model.config.to_dict()}
+    if caduceus:
+        config = {**model.config.to_hf_dict(), "seqssm_version": __version__, "seqssm_n_as_pad": bool(n_as_pad)}
+    else:
+        config = {"model_type": MODEL_TYPE, "seqssm_version": __version__, **model.config.to_dict()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _write_json(tmp / "config.json", config)

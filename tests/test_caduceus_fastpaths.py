@@ -1,0 +1,101 @@
+"""The flip-free RC paths of Caduceus-PS against their literal twins, on fresh random inputs.
+
+rcps_fused_add_norm vs rcps_fused_add_norm_ref (reversed-weight norm instead of reversed
+activations), Mamba(flip_channels=True) vs flipC(Mamba(flipC(x))), BiMambaWrapper.forward_rc vs
+flipLC(f(flipLC(b))), RCPSWrapper.forward vs forward_ref.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from seqssm.layers.mamba import Mamba
+from seqssm.layers.norm import RMSNorm, add_norm
+from seqssm.layers.rcps import RCPSWrapper, flip_lc, rcps_fused_add_norm, rcps_fused_add_norm_ref
+from seqssm.models.caduceus import BiMambaWrapper
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def randomized(module: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+@pytest.mark.parametrize("norm_cls", [RMSNorm, nn.LayerNorm])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual,residual_in_fp32", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("swap", [True, False])
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_rcps_fused_add_norm_equals_the_reference_order(norm_cls, dtype, with_residual, residual_in_fp32, swap,
+                                                        prenorm):
+    g = torch.Generator().manual_seed(int(swap) + 2 * int(with_residual))
+    norm = randomized(norm_cls(24), seed=1)
+    x = torch.randn(2, 33, 48, generator=g).to(dtype)
+    r = torch.randn(2, 33, 48, generator=g).to(dtype) if with_residual else None
+    kw = dict(residual_in_fp32=residual_in_fp32, prenorm=prenorm, swap_halves=swap)
+    got, want = rcps_fused_add_norm(x, r, norm, **kw), rcps_fused_add_norm_ref(x, r, norm, **kw)
+    got, want = (got, want) if prenorm else ((got,), (want,))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if dtype == torch.float32:
+            assert rel(a, b) <= 1e-6
+        else:  # the float32 results agree to ~1e-7; rounding to bf16 may differ by one ulp
+            assert rel(a, b) <= 1e-2
+    if prenorm:  # the residual is elementwise: identical
+        assert torch.equal(got[1], want[1])
+
+
+def test_add_norm_flip_weight_is_the_flipped_norm():
+    norm = randomized(nn.LayerNorm(16), seed=2)
+    x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    out, res = add_norm(x, r, norm, prenorm=True, fused=True, flip_weight=True)
+    out_ref, res_ref = add_norm(x.flip(-1), r.flip(-1), norm, prenorm=True, fused=True)
+    assert rel(out, out_ref.flip(-1)) <= 1e-6 and torch.equal(res, res_ref.flip(-1))
+    with pytest.raises(ValueError, match="fused"):
+        add_norm(x, r, norm, fused=False, flip_weight=True)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_mamba_flip_channels(bias):
+    torch.manual_seed(3)
+    m = randomized(Mamba(16, d_state=4, bias=bias), seed=3)
+    x = torch.randn(2, 40, 16)
+    with torch.no_grad():
+        want = m(x.flip(-1)).flip(-1)
+        got = m(x, flip_channels=True)
+        # with a carried state as well
+        y1, s1 = m(x[:, :17], return_state=True, flip_channels=True)
+        y2 = m(x[:, 17:], state=s1, flip_channels=True)
+    assert rel(got, want) <= 1e-6
+    assert rel(torch.cat([y1, y2], 1), want) <= 1e-5
+    assert not torch.allclose(got, m(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(bidirectional_strategy="ew_multiply", bidirectional_weight_tie=False),
+                                dict(bidirectional=False)])
+def test_bimamba_forward_rc_and_rcps_wrapper(kw):
+    torch.manual_seed(4)
+    bi = randomized(BiMambaWrapper(16, d_state=4, **kw), seed=4)
+    b = torch.randn(2, 30, 16)
+    with torch.no_grad():
+        assert rel(bi.forward_rc(b), flip_lc(bi(flip_lc(b)))) <= 1e-6
+        wrapper = RCPSWrapper(bi)
+        x = torch.randn(2, 30, 32)
+        assert rel(wrapper(x), wrapper.forward_ref(x)) <= 1e-6
+    # gradients flow through the reversed weights like through the reversed activations
+    x = torch.randn(1, 12, 32)
+    w = torch.randn(1, 12, 32)
+    grads = []
+    for fn in (wrapper.forward, wrapper.forward_ref):
+        bi.zero_grad()
+        (fn(x) * w).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in bi.parameters()]))
+    assert rel(grads[0], grads[1]) <= 1e-5
