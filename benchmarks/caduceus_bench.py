@@ -308,6 +308,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--parity-length", type=int, default=4096, help="fp32 output comparison length (0: skip)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--profile", action="store_true", help="CUDA kernel profile of seqssm on the first run's shape")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -369,6 +370,19 @@ def main(argv=None) -> dict:
             if model is not model32:
                 del model
             _print_row(rec)
+    if args.profile and device.type == "cuda":
+        dtype, length, batch = runs[0]
+        model = copy.deepcopy(ours32).to(torch.bfloat16) if dtype == "bf16" and args.bf16 == "cast" else ours32
+        ids = vocab_ids[torch.randint(4, (batch, length))].to(device)
+        ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bf16" and args.bf16 == "autocast"
+               else contextlib.nullcontext())
+        with torch.inference_mode(), ctx:
+            model.caduceus.backbone(ids)
+            sync(device)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                model.caduceus.backbone(ids)
+                sync(device)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

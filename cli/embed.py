@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from seqssm.cli.main import app, run_guarded, stderr
+from seqssm.distributed import is_main_process
 from seqssm.pipelines.embed import DEFAULT_MODEL, EmbedOptions, run_embed
 from seqssm.pipelines.progress import si
 
@@ -44,7 +45,7 @@ def embed(
         resume=resume, force=force, quiet=quiet,
     )
     s = run_guarded(run_embed, opts)
-    if quiet:
+    if quiet or not is_main_process():
         return
     t = Table(title="seqssm embed", show_header=False, title_justify="left")
     t.add_row("output", str(s.output))

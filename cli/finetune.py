@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from seqssm.cli.main import app, run_guarded, stderr
+from seqssm.distributed import is_main_process
 
 
 def _commas(values: Optional[List[str]]) -> list[str]:
@@ -123,7 +124,7 @@ def finetune(
         max_steps_this_run=max_steps_this_run, quiet=quiet,
     )
     s = run_guarded(run_finetune, opts, stderr)
-    if quiet:
+    if quiet or not is_main_process():
         return
     t = Table(title="seqssm finetune", show_header=False, title_justify="left")
     t.add_row("output", str(s.output))

@@ -36,6 +36,8 @@ def run_guarded(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except SeqssmError as e:
+        if not getattr(e, "echo", True):  # under torchrun: the same error, printed once by rank 0
+            raise typer.Exit(1) from None
         raise fail(str(e)) from None
     except KeyboardInterrupt:
         stderr.print("[yellow]interrupted[/]: partial work is kept; run again with --resume to continue")

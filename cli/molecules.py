@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from seqssm.cli.main import app, run_guarded, stderr
+from seqssm.distributed import is_main_process
 
 _MODEL_HELP = "Chemical LM: bundled name (default s4-chem-moses) or a model directory."
 
@@ -19,7 +20,7 @@ def _train(kind: str, smiles, output, **kw):
 
     opts = MoleculeTrainOptions(kind=kind, smiles=list(smiles or []), output=output, **kw)
     s = run_guarded(run_molecule_training, opts, stderr)
-    if kw.get("quiet"):
+    if kw.get("quiet") or not is_main_process():
         return
     t = Table(title=f"seqssm {kind}", show_header=False, title_justify="left")
     t.add_row("output", str(s.output))

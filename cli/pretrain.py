@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from seqssm.cli.main import app, run_guarded, stderr
+from seqssm.distributed import is_main_process
 from seqssm.pipelines.progress import si
 
 
@@ -50,6 +51,9 @@ def pretrain(
         True, "--markov-baseline/--no-markov-baseline",
         help="Fit the order-k Markov baseline (k=0..10) on the same split and record it in training.json."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model for training (GPU)."),
+    fsdp: bool = typer.Option(
+        False, "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state across the "
+        "processes (FSDP2) instead of replicating the model (DDP). For models that do not fit on one GPU."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, log lines or summary."),
 ) -> None:
     """Pretrain a HyenaDNA model with the next-base objective on FASTA files.
@@ -57,6 +61,7 @@ def pretrain(
     Part of the data is held out (--valid-region / --valid-file; default: the last 5% of the
     largest record). Perplexity is exp(mean NLL per predicted A/C/G/T base; N targets are
     ignored). The final model is written to OUTPUT as a seqssm model directory.
+    Several GPUs: torchrun --nproc_per_node=N -m seqssm.cli pretrain ... (--batch-size is global).
     """
     from seqssm.pipelines.pretrain import PretrainOptions, run_pretrain
 
@@ -67,10 +72,10 @@ def pretrain(
         eval_every=eval_every, eval_max_windows=eval_max_windows, save_every=save_every, seed=seed,
         valid_regions=list(valid_region or []), valid_files=list(valid_file or []), device=device,
         resume=resume, force=force, max_minutes=max_minutes, max_steps_this_run=max_steps_this_run, init=init,
-        markov_baseline=markov_baseline, compile=compile, quiet=quiet,
+        markov_baseline=markov_baseline, compile=compile, fsdp=fsdp, quiet=quiet,
     )
     s = run_guarded(run_pretrain, opts, stderr)
-    if quiet:
+    if quiet or not is_main_process():
         return
     t = Table(title="seqssm pretrain", show_header=False, title_justify="left")
     t.add_row("output", str(s.output))

@@ -8,13 +8,19 @@ load with `np.load(..., mmap_mode="r")`), `index.parquet` (the window columns pl
 
 Work goes in chunks of whole batches, committed to `<output>.partial/` one at a time; `resume=True`
 continues after the last committed chunk (see pipelines/output.py).
+
+Under torchrun the chunks are dealt round-robin to the ranks (chunk c to rank c mod W, in genome
+order); each rank commits its own shard (`<output>.part-R-of-W`, resumable on its own) and rank 0
+merges them into the very file a single process writes (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +30,7 @@ import pyarrow as pa
 import torch
 
 from seqssm import __version__
+from seqssm.distributed import session
 from seqssm.errors import SeqssmError
 from seqssm.io import FastaFile, count_windows
 from seqssm.io.bed import check_regions, read_bed
@@ -179,7 +186,35 @@ def run_embed(opts: EmbedOptions) -> EmbedSummary:
         raise SeqssmError(f"--max-n-frac {opts.max_n_frac}: must be between 0 and 1")
     if opts.batch_size < 1:
         raise SeqssmError("--batch-size must be at least 1")
-    device = resolve_device(opts.device)
+    # No barrier at the end: a rank whose shard is done leaves; rank 0 waits for the shards on disk.
+    # gloo: the ranks exchange only small control messages (GPUs embed independently).
+    with session(opts.device, resolve_device, final_barrier=False, backend="gloo") as dist:
+        job = dist.agree(lambda: _plan(opts, dist))
+        if dist.enabled:
+            return _run_sharded(job, opts, dist)
+        return _run_single(job, opts)
+
+
+@dataclass
+class _Job:
+    """What one embed run needs: the window stream, the model, the output's schema."""
+
+    output: Path
+    items: Iterator[Item]
+    n_items: int
+    total_bases: int
+    params: dict
+    device: torch.device
+    model_name: str
+    embedder: "Embedder"
+    dim: int
+    meta: dict
+    schema: pa.Schema
+    chunk_items: int
+
+
+def _plan(opts: EmbedOptions, dist) -> _Job:
+    device = dist.device
     fasta = FastaFile(opts.fasta)
     loaded = load_model(opts.model, device="cpu")
     max_len = int(loaded.config.max_seq_len)
@@ -206,11 +241,6 @@ def run_embed(opts: EmbedOptions) -> EmbedSummary:
         "rc_average": opts.rc_average,
         "max_n_frac": opts.max_n_frac,
     }
-    part, state = out.prepare(output, params, resume=opts.resume, force=opts.force)
-    summary = EmbedSummary(output=output, device=str(device), model=loaded.name, dim=dim)
-    summary.resumed_from = state["items_done"]
-
-    embedder = Embedder(loaded.model, device, opts.rc_average)
     meta = {
         "seqssm_version": __version__,
         "model": loaded.name,
@@ -232,14 +262,40 @@ def run_embed(opts: EmbedOptions) -> EmbedSummary:
     if opts.pool == "mean":
         schema = pa.schema(coord_fields + [pa.field("embedding", pa.list_(pa.float32(), dim))],
                            metadata={"seqssm": json.dumps(meta)})
-        tokens = None
     else:
         schema = pa.schema(coord_fields + [pa.field("offset", pa.int64()), pa.field("length", pa.int32())],
                            metadata={"seqssm": json.dumps(meta)})
-        tokens = out.TokenArrayWriter(part, dim, state["tokens"])
+    return _Job(output, items, n_items, total_bases, params, device, loaded.name, Embedder(loaded.model, device,
+                opts.rc_average), dim, meta, schema, max(opts.batch_size * 4, 64))
 
-    chunk_items = max(opts.batch_size * 4, 64)
-    progress = BasesProgress(total_bases, description=f"embed {Path(opts.fasta).name}", quiet=opts.quiet)
+
+def _chunk_table(chunk: list[Item], job: _Job, opts: EmbedOptions, tokens) -> tuple[pa.Table, list[Item]]:
+    """Embed one chunk: its table (the windows kept after the N filter) and those windows."""
+    keep = [it for it in chunk if it.n_frac <= opts.max_n_frac]
+    rows = _embed_chunk(keep, job.embedder, opts, tokens, job.dim)
+    table = pa.Table.from_pydict(
+        {
+            "chrom": [it.chrom for it in keep],
+            "start": [it.start for it in keep],
+            "end": [it.end for it in keep],
+            "strand": [("." if opts.rc_average and it.strand == "+" else it.strand) for it in keep],
+            "n_frac": [it.n_frac for it in keep],
+            **rows,
+        },
+        schema=job.schema,
+    )
+    return table, keep
+
+
+def _run_single(job: _Job, opts: EmbedOptions) -> EmbedSummary:
+    output, items, n_items, schema, dim = job.output, job.items, job.n_items, job.schema, job.dim
+    out.refuse_shards(output, force=opts.force)
+    part, state = out.prepare(output, job.params, resume=opts.resume, force=opts.force)
+    summary = EmbedSummary(output=output, device=str(job.device), model=job.model_name, dim=dim)
+    summary.resumed_from = state["items_done"]
+    tokens = out.TokenArrayWriter(part, dim, state["tokens"]) if opts.pool == "none" else None
+
+    progress = BasesProgress(job.total_bases, description=f"embed {Path(opts.fasta).name}", quiet=opts.quiet)
     t0 = time.perf_counter()
     bases_done = 0
     try:
@@ -249,22 +305,10 @@ def run_embed(opts: EmbedOptions) -> EmbedSummary:
                 it = next(items)
                 progress.advance(it.end - it.start, resumed=True)
             while True:
-                chunk = [it for _, it in zip(range(chunk_items), items)]
+                chunk = [it for _, it in zip(range(job.chunk_items), items)]
                 if not chunk:
                     break
-                keep = [it for it in chunk if it.n_frac <= opts.max_n_frac]
-                rows = _embed_chunk(keep, embedder, opts, tokens, dim)
-                table = pa.Table.from_pydict(
-                    {
-                        "chrom": [it.chrom for it in keep],
-                        "start": [it.start for it in keep],
-                        "end": [it.end for it in keep],
-                        "strand": [("." if opts.rc_average and it.strand == "+" else it.strand) for it in keep],
-                        "n_frac": [it.n_frac for it in keep],
-                        **rows,
-                    },
-                    schema=schema,
-                )
+                table, keep = _chunk_table(chunk, job, opts, tokens)
                 if tokens is not None:
                     tokens.sync()
                 state["parts"].append(out.write_part(part, table, state))
@@ -281,7 +325,7 @@ def run_embed(opts: EmbedOptions) -> EmbedSummary:
         if opts.pool == "mean":
             out.finish_parquet(part, output, schema, state)
         else:
-            _finish_tokens(part, output, schema, state, tokens, meta, opts.force)
+            _finish_tokens(part, output, schema, state, tokens, job.meta, opts.force)
     finally:
         if tokens is not None:
             tokens.close()
@@ -290,6 +334,112 @@ def run_embed(opts: EmbedOptions) -> EmbedSummary:
     summary.windows = state["rows"]
     summary.skipped_n = state["skipped"]
     return summary
+
+
+# ----------------------------------------------------------------------------- under torchrun
+
+
+def _run_sharded(job: _Job, opts: EmbedOptions, dist) -> EmbedSummary:
+    """Embed this rank's chunks into its own shard; rank 0 then merges the shards into the output.
+
+    Chunk c of the window stream (the single-process chunks: ``chunk_items`` consecutive windows in
+    genome order) belongs to rank c mod W. A shard is a partial directory like the single-process
+    one (``<output>.part-R-of-W.partial``: a part file per chunk and its resume state), renamed to
+    ``<output>.part-R-of-W`` when complete. Merging writes the chunks in stream order exactly as
+    the single-process run would, so the output is the same file.
+    """
+    t0 = time.perf_counter()
+    output, W, r = job.output, dist.world_size, dist.rank
+    dist.on_main(lambda: out.prepare_shards(output, W, resume=opts.resume, force=opts.force))
+    if opts.regions is not None:  # pyfaidx builds missing .fai/.gzi files: once, on rank 0, before the others read
+        dist.on_main(lambda: _touch_index(opts))
+    run_id = dist.broadcast(uuid.uuid4().hex)  # marks the shards this invocation worked on
+    params = {**job.params, "shard": [r, W], "chunk_items": job.chunk_items}
+    shard = out.shard_path(output, r, W)
+
+    def open_shard():
+        if out.shard_complete(shard, params):
+            return None, None
+        return out.prepare(shard, params, resume=opts.resume, force=opts.force)
+
+    part, state = dist.agree(open_shard)
+    summary = EmbedSummary(output=output, device=f"{W} x {job.device.type}", model=job.model_name, dim=job.dim)
+    if part is not None:
+        state.update(run_id=run_id, bases_this_run=0, items_this_run=0)
+        summary.resumed_from = state["items_done"]
+        _embed_shard(job, opts, dist, part, state)
+        os.replace(part, shard)  # the shard is complete: one rename
+    if not dist.is_main:
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    states = out.wait_for_shards(output, W, log=None if opts.quiet else _log)
+    n_chunks = -(-job.n_items // job.chunk_items)
+    if opts.pool == "mean":
+        out.merge_parquet_shards(output, W, states, job.schema, n_chunks)
+    else:
+        out.merge_token_shards(output, W, states, job.schema, n_chunks, job.dim, job.meta, force=opts.force)
+    summary.seconds = time.perf_counter() - t0
+    summary.windows = sum(s["rows"] for s in states)
+    summary.skipped_n = sum(s["skipped"] for s in states)
+    this_run = [s for s in states if s.get("run_id") == run_id]
+    summary.bases = sum(s["bases_this_run"] for s in this_run)
+    summary.resumed_from = sum(s["items_done"] for s in states) - sum(s["items_this_run"] for s in this_run)
+    return summary
+
+
+def _touch_index(opts: EmbedOptions) -> None:
+    regions = read_bed(opts.regions)
+    if regions:
+        FastaFile(opts.fasta).fetch(regions[0].chrom, regions[0].start, regions[0].start)
+
+
+def _log(msg: str) -> None:
+    from seqssm.pipelines.progress import stderr_console
+
+    stderr_console.print(msg, highlight=False, soft_wrap=True)
+
+
+def _embed_shard(job: _Job, opts: EmbedOptions, dist, part: Path, state: dict) -> None:
+    """Embed the chunks c with c mod W == rank, skipping those a previous run committed."""
+    W, r = dist.world_size, dist.rank
+    tokens = out.TokenArrayWriter(part, job.dim, state["tokens"]) if opts.pool == "none" else None
+    quiet = opts.quiet or not dist.is_main
+    # Rank 0's bar: its own share of the bases (about 1/W of them).
+    progress = BasesProgress(-(-job.total_bases // W), description=f"embed {Path(opts.fasta).name} (rank 0 of {W})",
+                             quiet=quiet)
+    done = len(state["parts"])  # chunks of this shard already committed
+    try:
+        with progress:
+            c = 0
+            while True:
+                chunk = [it for _, it in zip(range(job.chunk_items), job.items)]
+                if not chunk:
+                    break
+                mine, k = c % W == r, c // W
+                c += 1
+                if not mine:
+                    continue
+                n = sum(it.end - it.start for it in chunk)
+                if k < done:
+                    progress.advance(n, resumed=True)
+                    continue
+                table, keep = _chunk_table(chunk, job, opts, tokens)
+                if tokens is not None:
+                    tokens.sync()
+                state["parts"].append(out.write_part(part, table, state))
+                state["items_done"] += len(chunk)
+                state["items_this_run"] += len(chunk)
+                state["rows"] += len(keep)
+                state["skipped"] += len(chunk) - len(keep)
+                state["tokens"] = tokens.rows if tokens is not None else 0
+                state["bases_this_run"] += n
+                out.commit(part, state)
+                progress.advance(n)
+        state["complete"] = True
+        out.commit(part, state)
+    finally:
+        if tokens is not None:
+            tokens.close()
 
 
 def _embed_chunk(keep: list[Item], embedder: Embedder, opts: EmbedOptions, tokens, dim: int) -> dict:

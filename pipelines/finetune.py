@@ -23,6 +23,9 @@ A run can be cut at any moment and continued with ``resume=True``; ``max_minutes
 ``max_steps_this_run`` stop an invocation cleanly after a checkpoint. The settings that define
 the run are fixed when it starts; a resumed invocation may change only ``epochs``, ``patience``,
 the evaluation batch size, the device and the time budget.
+
+Under torchrun the same command trains data-parallel (DDP): ``batch_size`` is the global batch,
+every rank reads the data, only rank 0 writes into OUT (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 from seqssm.pipelines.progress import JobDisplay
 from seqssm.pipelines.output import check_run_budget, prepare_run_dir
 from seqssm import __version__
+from seqssm.distributed import Dist, session
 from seqssm.errors import SeqssmError
 from seqssm.io.atomic import atomic_write_text
 from seqssm.tokenizers.dna import DNATokenizer
@@ -179,10 +183,9 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return str(device)
+def _device_name(device: torch.device, dist: Dist | None = None) -> str:
+    name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    return f"{dist.world_size} x {name}" if dist is not None and dist.enabled else name
 
 
 def _data_options(opts: FinetuneOptions) -> dict:
@@ -478,6 +481,16 @@ def _fmt(v) -> str:
 
 def run_finetune(opts: FinetuneOptions, console=None) -> FinetuneSummary:
     """Fine-tune (or continue fine-tuning) a HyenaDNA classifier; see the module docstring."""
+    with session(opts.device, resolve_device) as dist:
+        return _run_finetune(opts, console, dist)
+
+
+def _find_run(out: Path, opts: FinetuneOptions):
+    saved = _prepare_output(out, resume=opts.resume, force=opts.force)
+    return saved, (latest_finetune_checkpoint(out) if saved is not None else None)
+
+
+def _run_finetune(opts: FinetuneOptions, console, dist: Dist) -> FinetuneSummary:
     from rich.console import Console
 
     from seqssm.models import HyenaDNAModel, count_parameters, load_model
@@ -491,42 +504,50 @@ def run_finetune(opts: FinetuneOptions, console=None) -> FinetuneSummary:
         raise SeqssmError(f"--task {opts.task!r}: expected auto, binary, multiclass, multilabel or regression")
     if opts.length is not None and opts.length < 1:
         raise SeqssmError("--length must be >= 1")
-    saved = _prepare_output(out, resume=opts.resume, force=opts.force)
-    ckpt = latest_finetune_checkpoint(out) if saved is not None else None
-    device = resolve_device(opts.device)
+    main = dist.is_main
+    saved, ckpt = dist.on_main(lambda: _find_run(out, opts))
+    device = dist.device
     cfg = _resolve_config(opts, saved)
+    dist.check_divisible(cfg.batch_size)
     d = _merge_data_options(opts, saved)
     d["model"] = d.get("model") or DEFAULT_MODEL
 
-    # The backbone first (its maximum length bounds --length), then the data.
-    loaded = load_model(d["model"], device="cpu")
-    config = loaded.config
-    if d.get("length") is not None and int(d["length"]) > config.max_seq_len:
-        raise SeqssmError(f"--length {d['length']} exceeds the model's maximum length {config.max_seq_len}")
-    split, kind, skipped, sources = _load_data(d)
-    if split.dropped:
-        skipped["in_no_split"] = dict(split.dropped)
-    train_l, valid_l, test_l = split.train, split.valid, split.test
-    task, label_names = train_l.task, list(train_l.label_names)
-    if task not in ("binary", "multiclass", "multilabel", "regression"):
-        raise SeqssmError(f"{train_l.source}: no labels to fine-tune on (task {task})")
-    selection_metric(task, cfg)  # an --early-stop-metric of another task is an error before anything is written
-    if len(train_l) == 0:
-        raise SeqssmError("the training split is empty")
-    if len(valid_l) == 0:
-        raise SeqssmError("the validation split is empty; choose other --valid-chroms/--valid-regions or fractions")
-    if task in ("binary", "multiclass"):
-        counts = train_l.class_counts()
-        present = [k for k, v in counts.items() if v > 0]
-        if len(present) < 2:
-            raise SeqssmError(f"the training split has a single class ({', '.join(present)}); a classifier needs "
-                              "at least two")
-    train, valid = ArrayData.from_labeled(train_l), ArrayData.from_labeled(valid_l)
-    test = ArrayData.from_labeled(test_l) if test_l is not None and len(test_l) else None
-    signature = _signature({"train": train, "valid": valid, "test": test})
-    if saved is not None and saved.get("data_signature") != signature:
-        raise SeqssmError("cannot resume: the data or its split differ from the run's (same files and split "
-                          "options are needed); use --force to start over")
+    def load():
+        """The backbone and the data; every rank reads them (a failure on any rank stops them all)."""
+        # The backbone first (its maximum length bounds --length), then the data.
+        loaded = load_model(d["model"], device="cpu")
+        config = loaded.config
+        if d.get("length") is not None and int(d["length"]) > config.max_seq_len:
+            raise SeqssmError(f"--length {d['length']} exceeds the model's maximum length {config.max_seq_len}")
+        split, kind, skipped, sources = _load_data(d)
+        if split.dropped:
+            skipped["in_no_split"] = dict(split.dropped)
+        train_l, valid_l, test_l = split.train, split.valid, split.test
+        task, label_names = train_l.task, list(train_l.label_names)
+        if task not in ("binary", "multiclass", "multilabel", "regression"):
+            raise SeqssmError(f"{train_l.source}: no labels to fine-tune on (task {task})")
+        selection_metric(task, cfg)  # an --early-stop-metric of another task is an error before anything is written
+        if len(train_l) == 0:
+            raise SeqssmError("the training split is empty")
+        if len(valid_l) == 0:
+            raise SeqssmError("the validation split is empty; choose other --valid-chroms/--valid-regions or fractions")
+        if task in ("binary", "multiclass"):
+            counts = train_l.class_counts()
+            present = [k for k, v in counts.items() if v > 0]
+            if len(present) < 2:
+                raise SeqssmError(f"the training split has a single class ({', '.join(present)}); a classifier needs "
+                                  "at least two")
+        train, valid = ArrayData.from_labeled(train_l), ArrayData.from_labeled(valid_l)
+        test = ArrayData.from_labeled(test_l) if test_l is not None and len(test_l) else None
+        signature = _signature({"train": train, "valid": valid, "test": test})
+        if saved is not None and saved.get("data_signature") != signature:
+            raise SeqssmError("cannot resume: the data or its split differ from the run's (same files and split "
+                              "options are needed); use --force to start over")
+        return loaded, config, split, kind, skipped, sources, train_l, valid_l, test_l, task, label_names, \
+            train, valid, test, signature
+
+    (loaded, config, split, kind, skipped, sources, train_l, valid_l, test_l, task, label_names, train, valid, test,
+     signature) = dist.agree(load)
 
     # The model.
     _check_lengths({"train": (train_l, train), "valid": (valid_l, valid), "test": (test_l, test)},
@@ -560,7 +581,6 @@ def run_finetune(opts: FinetuneOptions, console=None) -> FinetuneSummary:
     }
 
     command = opts.command or command_line(opts)
-    out.mkdir(parents=True, exist_ok=True)
     run = dict(saved or {})
     run.update({
         "kind": "finetune",
@@ -575,9 +595,11 @@ def run_finetune(opts: FinetuneOptions, console=None) -> FinetuneSummary:
         "created": run.get("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
         "commands": run.get("commands", []) + [command],
     })
-    _atomic_json(out / RUN_FILE, run)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_json(out / RUN_FILE, run)
 
-    display = _Display(console, quiet=opts.quiet)
+    display = _Display(console, quiet=opts.quiet or not main)
     sizes = {"train": len(train), "valid": len(valid), "test": len(test) if test is not None else 0}
     display.log(f"data: {task} task ({', '.join(label_names[:8])}{', ...' if len(label_names) > 8 else ''}); "
                 f"{sizes['train']:,} train / {sizes['valid']:,} valid / {sizes['test']:,} test examples; "
@@ -601,7 +623,7 @@ def run_finetune(opts: FinetuneOptions, console=None) -> FinetuneSummary:
 
     trainer = FinetuneTrainer(model, train, valid, cfg, run_dir=out, device=device, tokenizer=tokenizer,
                               preprocessing=preprocessing, loss_fn=loss_fn, callbacks=display,
-                              on_history=on_history, extra_state={"model": d["model"]})
+                              on_history=on_history, extra_state={"model": d["model"]}, dist=dist)
     resumed_from = None
     if ckpt is not None:
         st = trainer.resume(ckpt)
@@ -611,7 +633,7 @@ def run_finetune(opts: FinetuneOptions, console=None) -> FinetuneSummary:
         display.log("no checkpoint yet: starting from step 0")
     display.log(f"model: {'randomly initialised ' if d.get('from_scratch') else ''}{d['model']} (d_model "
                 f"{config.d_model}, {config.n_layer} layers) + {cfg.pooling}-pooled linear head; "
-                f"{n_trainable:,} of {n_params:,} parameters trained; device {_device_name(device)}"
+                f"{n_trainable:,} of {n_params:,} parameters trained; device {_device_name(device, dist)}"
                 f"{' (bf16 autocast)' if device.type == 'cuda' else ''}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -636,11 +658,15 @@ def run_finetune(opts: FinetuneOptions, console=None) -> FinetuneSummary:
         del best_model
         bs = cfg.eval_batch_size or 2 * cfg.batch_size
         kw = dict(task=task, label_names=label_names, device=device, batch_size=bs, rc_average=cfg.rc_average,
-                  loss_fn=loss_fn)
+                  loss_fn=loss_fn, dist=dist)
         valid_m, valid_out = evaluate_split(model, valid, **kw)
         test_out = None
         if test is not None:
             test_m, test_out = evaluate_split(model, test, **kw)
+        if not main:  # rank 0 writes the files; the others return the same summary
+            return _summary(out, trainer, outcome.finished, outcome.reason, valid_m, test_m, t_start, device, n_params,
+                            n_trainable, split, sizes, resumed_from, task, label_names, dist)
+        if test is not None:
             _write_predictions(out / PREDICTIONS_FILE, task, label_names, test, test_out)
         _plot_final(out, task, label_names, valid, valid_out, test, test_out)
         final = {**base_metrics(trainer), "status": "finished", "stopped": outcome.reason,
@@ -656,34 +682,38 @@ def run_finetune(opts: FinetuneOptions, console=None) -> FinetuneSummary:
             "valid": valid_m, "test": test_m, "split": split.description, "sizes": sizes, "sources": sources,
             "finetune_config": cfg.to_dict(), "loss": loss_fn.describe(),
             "training": {"epochs": trainer.epoch, "steps": trainer.step, "stopped": outcome.reason,
-                         "device": _device_name(device),
+                         "device": _device_name(device, dist),
                          "precision": "bf16 autocast" if device.type == "cuda" else "float32",
                          "train_seconds": round(trainer.train_seconds, 1), "parameters": n_params,
                          "trainable_parameters": n_trainable},
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": command, "commands": run.get("commands", []), "seqssm_version": __version__,
         }
+        if dist.enabled:
+            info["training"]["data_parallel"] = {"world_size": dist.world_size, "backend": dist.backend,
+                                                 "mode": "DDP", "global_batch_size": cfg.batch_size}
         _write_final_model(out, model, tokenizer, preprocessing, info)
         run.update(status="finished", epoch=trainer.epoch, step=trainer.step)
         _atomic_json(out / RUN_FILE, run)
         why = "" if outcome.reason == "finished" else f" ({outcome.reason})"
         display.log(f"[green]finished[/]{why}: best epoch {outcome.best_epoch}; model written to {out}")
     else:
-        run.update(status="running", epoch=trainer.epoch, step=trainer.step)
-        _atomic_json(out / RUN_FILE, run)
+        if main:
+            run.update(status="running", epoch=trainer.epoch, step=trainer.step)
+            _atomic_json(out / RUN_FILE, run)
         display.log(f"[yellow]stopped[/] at step {outcome.step}/{trainer.total_steps}: {outcome.reason}; "
                     f"checkpoint {outcome.checkpoint}; run again with --resume to continue")
     return _summary(out, trainer, outcome.finished, outcome.reason, valid_m, test_m, t_start, device, n_params,
-                    n_trainable, split, sizes, resumed_from, task, label_names)
+                    n_trainable, split, sizes, resumed_from, task, label_names, dist)
 
 
 def _summary(out, trainer, finished, reason, valid_m, test_m, t_start, device, n_params, n_trainable, split, sizes,
-             resumed_from, task, label_names) -> FinetuneSummary:
+             resumed_from, task, label_names, dist: Dist | None = None) -> FinetuneSummary:
     return FinetuneSummary(
         output=out, finished=finished, reason=reason, task=task, label_names=label_names, epoch=trainer.epoch,
         epochs=trainer.cfg.epochs, step=trainer.step, best_epoch=trainer.best.get("epoch"), metric=trainer.metric,
         best_value=trainer.best.get("value"), valid=valid_m, test=test_m, seconds=time.monotonic() - t_start,
-        device=_device_name(device), parameters=n_params, trainable_parameters=n_trainable,
+        device=_device_name(device, dist), parameters=n_params, trainable_parameters=n_trainable,
         split=split.description, sizes=sizes, resumed_from=resumed_from,
     )
 

@@ -8,6 +8,10 @@ vocab.json, info.json), which `generate-molecules --model OUTPUT` reads.
 
 Pre-training builds the vocabulary from the training and validation SMILES; fine-tuning keeps
 the pretrained model's vocabulary and architecture.
+
+Under torchrun the same command trains data-parallel (DDP): ``batch_size`` is the global batch,
+rank 0 reads and checks the SMILES once and hands the sets to the other ranks, and only rank 0
+writes into OUTPUT (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from seqssm.distributed import Dist, session
 from seqssm.errors import SeqssmError
 from seqssm.io.atomic import atomic_write_text
 from seqssm.pipelines.output import check_run_budget, prepare_run_dir
@@ -222,6 +227,11 @@ class _Display(JobDisplay, Callbacks):
 
 def run_molecule_training(opts: MoleculeTrainOptions, console=None) -> MoleculeTrainSummary:
     """Pretrain (or fine-tune) an S4 chemical LM; see the module docstring."""
+    with session(opts.device, resolve_device) as dist:
+        return _run_molecule_training(opts, console, dist)
+
+
+def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> MoleculeTrainSummary:
     import torch
     from rich.console import Console
 
@@ -235,8 +245,10 @@ def run_molecule_training(opts: MoleculeTrainOptions, console=None) -> MoleculeT
     out = Path(opts.output).expanduser()
     check_run_budget(opts.max_minutes, opts.max_steps_this_run)
     finetune = opts.kind == "finetune-molecules"
-    saved = prepare_run_dir(out, kind=opts.kind, resume=opts.resume, force=opts.force,
-                            finished_hint="; use a new output directory (or --force to overwrite it)")
+    main = dist.is_main
+    saved = dist.on_main(lambda: prepare_run_dir(
+        out, kind=opts.kind, resume=opts.resume, force=opts.force,
+        finished_hint="; use a new output directory (or --force to overwrite it)"))
     if saved is not None:
         opts.smiles = opts.smiles or [Path(p) for p in saved["smiles"]]
         if opts.valid_file is None and saved.get("valid_file"):
@@ -250,10 +262,11 @@ def run_molecule_training(opts: MoleculeTrainOptions, console=None) -> MoleculeT
         raise SeqssmError("no SMILES file given")
     if finetune and not opts.model:
         raise SeqssmError("finetune-molecules needs --model (a pretrained chemical LM: bundled name or directory)")
-    device = resolve_device(opts.device)
+    device = dist.device
     cfg = _train_config(opts, saved)
+    dist.check_divisible(cfg.batch_size)
 
-    with _Display(console, quiet=opts.quiet, title=opts.kind.split("-")[0]) as display:
+    with _Display(console, quiet=opts.quiet or not main, title=opts.kind.split("-")[0]) as display:
         init = None
         if finetune:
             init = load_chem_model(opts.model)
@@ -271,10 +284,15 @@ def run_molecule_training(opts: MoleculeTrainOptions, console=None) -> MoleculeT
             if max_len < 3:
                 raise SeqssmError("--max-len must be at least 3 tokens (bos, one token, eos)")
 
-        fingerprint = _sha256(opts.smiles + ([opts.valid_file] if opts.valid_file else []))
-        if saved is not None and fingerprint != saved["fingerprint"]:
-            raise SeqssmError(f"cannot resume: the SMILES files differ from the run's ({saved['fingerprint'][0]['path']} ...)")
-        train_smiles, valid_smiles, data = _read_sets(opts, tokenizer, max_len, cfg.seed, display)
+        def read():
+            fingerprint = _sha256(opts.smiles + ([opts.valid_file] if opts.valid_file else []))
+            if saved is not None and fingerprint != saved["fingerprint"]:
+                raise SeqssmError(f"cannot resume: the SMILES files differ from the run's "
+                                  f"({saved['fingerprint'][0]['path']} ...)")
+            return fingerprint, *_read_sets(opts, tokenizer, max_len, cfg.seed, display)
+
+        # Rank 0 reads and checks the SMILES (RDKit is the slow part) and hands the sets to the others.
+        fingerprint, train_smiles, valid_smiles, data = dist.on_main(read)
 
         if finetune:
             if opts.dropout is not None:
@@ -319,8 +337,9 @@ def run_molecule_training(opts: MoleculeTrainOptions, console=None) -> MoleculeT
             run["started"] = saved.get("started")
         else:
             run["started"] = date.today().isoformat()
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "run.json", json.dumps(run, indent=2) + "\n")
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "run.json", json.dumps(run, indent=2) + "\n")
 
         base_info = {"training_data": {"smiles": run["smiles"], "kind": opts.kind, **data},
                      "pretrained_from": opts.model if finetune else None}
@@ -329,47 +348,50 @@ def run_molecule_training(opts: MoleculeTrainOptions, console=None) -> MoleculeT
             m.save_pretrained(directory, tokenizer=tokenizer, info={**base_info, **info})
 
         trainer = MoleculeTrainer(model, train, valid, cfg, run_dir=out, device=device, save_model=save_model,
-                                  callbacks=display, compile=opts.compile and device.type == "cuda")
+                                  callbacks=display, compile=opts.compile and device.type == "cuda", dist=dist)
         resumed_from = None
-        ckpt = latest_in(out / "checkpoints") if saved is not None else None
+        ckpt = dist.on_main(lambda: latest_in(out / "checkpoints") if saved is not None else None)
         if ckpt is not None:
             trainer.resume(ckpt)
             resumed_from = trainer.step
             display.log(f"resumed from {ckpt} (step {trainer.step:,}, epoch {trainer.epoch})")
         else:
             display.log(f"{opts.kind}: {len(train):,} training / {len(valid):,} validation molecules, "
-                        f"{n_params:,} parameters, vocabulary {len(tokenizer)}, on {device}")
+                        f"{n_params:,} parameters, vocabulary {len(tokenizer)}, on "
+                        f"{f'{dist.world_size} x ' if dist.enabled else ''}{device}")
         outcome = trainer.fit(StopRule(max_minutes=opts.max_minutes, max_steps_this_run=opts.max_steps_this_run))
 
     seconds = time.monotonic() - t_start
     rate = None
     if outcome.step and trainer.p.train_seconds > 0:
         rate = trainer.p.tokens_seen / trainer.p.train_seconds
-    if outcome.finished:
+    if outcome.finished and main:
         best_dir = out / "best"
         info = json.loads((best_dir / "info.json").read_text()) if (best_dir / "info.json").is_file() else {}
         info.update({
             "training": {"steps": outcome.step, "epochs_run": round(outcome.step / trainer.steps_per_epoch, 3),
                          "stopped": outcome.reason, "tokens_seen": trainer.p.tokens_seen,
-                         "train_seconds": round(trainer.p.train_seconds, 1), "device": _device_name(device),
+                         "train_seconds": round(trainer.p.train_seconds, 1), "device": _device_name(device, dist),
                          "precision": "bf16 autocast" if device.type == "cuda" else "float32",
                          "train_config": asdict(cfg), "command": opts.command or " ".join(sys.argv)},
             "validation": outcome.best, "parameters": n_params, "date": date.today().isoformat(),
         })
+        if dist.enabled:
+            info["training"]["data_parallel"] = {"world_size": dist.world_size, "backend": dist.backend,
+                                                 "mode": "DDP", "global_batch_size": cfg.batch_size}
         _publish_best(out, info)
         run["status"] = "finished"
         run["best"] = outcome.best
         atomic_write_text(out / "run.json", json.dumps(run, indent=2) + "\n")
     return MoleculeTrainSummary(out, outcome.finished, outcome.reason, outcome.step, trainer.max_steps, outcome.epoch,
-                                resumed_from, n_params, _device_name(device), data, outcome.best, seconds, rate)
+                                resumed_from, n_params, _device_name(device, dist), data, outcome.best, seconds, rate)
 
 
-def _device_name(device) -> str:
+def _device_name(device, dist: Dist | None = None) -> str:
     import torch
 
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{dist.world_size} x {name}" if dist is not None and dist.enabled else name
 
 
 def _publish_best(out: Path, info: dict) -> None:

@@ -18,6 +18,11 @@ saving a checkpoint, which is how a long run is spread over several time-limited
 settings that define the run (model, data, split, optimisation) are fixed when it starts; a
 resumed invocation may change only max_steps (which reshapes the cosine tail), the evaluation
 and checkpoint intervals, the device and the time budget.
+
+Under torchrun (docs/DISTRIBUTED.md) the same command trains data-parallel: ``batch_size`` is the
+global micro-batch, split into equal contiguous slices across the processes, and the run equals the
+single-process one on the same global batch; only rank 0 writes into OUT. A run may be resumed with
+another number of processes (or ``fsdp``), as long as it divides the batch size.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from seqssm.pipelines.progress import JobDisplay
 from seqssm.pipelines.output import check_run_budget, prepare_run_dir
 from seqssm.io.atomic import atomic_write_text
 from seqssm import __version__
+from seqssm.distributed import Dist, session
 from seqssm.errors import SeqssmError
 from seqssm.tokenizers.dna import DNATokenizer
 from seqssm.training.data import SHARED_CONTEXT, DataSplit, load_split
@@ -101,6 +107,7 @@ class PretrainOptions:
     init: str | None = None
     markov_baseline: bool = True
     compile: bool = False
+    fsdp: bool = False  # under torchrun: shard the model (FSDP2) instead of replicating it (DDP)
     quiet: bool = False
     command: str | None = None  # recorded in training.json; default: sys.argv
 
@@ -193,10 +200,20 @@ def _resolve(opts: PretrainOptions, saved: dict | None, init_config: dict | None
     return model, cfg
 
 
-def _device_name(device: torch.device) -> str:
+def _device_name(device: torch.device, dist: Dist | None = None) -> str:
     if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return str(device)
+        name = f"cuda ({torch.cuda.get_device_name(device)})"
+    else:
+        name = str(device)
+    if dist is not None and dist.enabled:
+        name = f"{dist.world_size} x {name}"
+    return name
+
+
+def data_parallel_info(dist: Dist, *, fsdp: bool, batch_size: int) -> dict:
+    """What training.json records of a torchrun job (absent from single-process runs)."""
+    return {"world_size": dist.world_size, "backend": dist.backend, "mode": "FSDP2" if fsdp else "DDP",
+            "global_batch_size": batch_size, "per_rank_batch_size": batch_size // dist.world_size}
 
 
 def command_line(opts: PretrainOptions) -> str:
@@ -216,7 +233,7 @@ def command_line(opts: PretrainOptions) -> str:
     if opts.device != "auto":
         words += ["--device", opts.device]
     for name, on in (("resume", opts.resume), ("force", opts.force), ("compile", opts.compile),
-                     ("no-markov-baseline", not opts.markov_baseline)):
+                     ("fsdp", opts.fsdp), ("no-markov-baseline", not opts.markov_baseline)):
         if on:
             words.append(f"--{name}")
     return " ".join(shlex.quote(w) for w in words)
@@ -271,6 +288,17 @@ class _Display(JobDisplay, Callbacks):
 
 def run_pretrain(opts: PretrainOptions, console=None) -> PretrainSummary:
     """Train (or continue training) a HyenaDNA next-base model; see the module docstring."""
+    with session(opts.device, resolve_device) as dist:
+        return _run_pretrain(opts, console, dist)
+
+
+def _find_run(out: Path, opts: PretrainOptions):
+    """(saved run.json or None, latest checkpoint or None); with --force the old run is removed."""
+    saved = _prepare_output(out, resume=opts.resume, force=opts.force)
+    return saved, (latest_checkpoint(out) if saved is not None else None)
+
+
+def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary:
     from rich.console import Console
 
     from seqssm.models import HyenaConfig, HyenaDNAForCausalLM, count_parameters, load_model
@@ -279,38 +307,53 @@ def run_pretrain(opts: PretrainOptions, console=None) -> PretrainSummary:
     console = console or Console(stderr=True)
     out = Path(opts.output).expanduser()
     check_run_budget(opts.max_minutes, opts.max_steps_this_run)
-    saved = _prepare_output(out, resume=opts.resume, force=opts.force)
-    ckpt = latest_checkpoint(out) if saved is not None else None
-    device = resolve_device(opts.device)
+    if opts.fsdp and not dist.enabled:
+        raise SeqssmError("--fsdp shards the model across the processes of a torchrun job; start the command "
+                          "with torchrun --nproc_per_node=N (see docs/DISTRIBUTED.md), or drop --fsdp")
+    # Rank 0 looks at (and with --force clears) OUT; every rank then works from what it found.
+    saved, ckpt = dist.on_main(lambda: _find_run(out, opts))
+    device = dist.device
+    main = dist.is_main
 
-    # Data and settings.
-    if saved is not None:
-        fasta = [Path(p) for p in (opts.fasta or saved["fasta"])]
-        valid_regions = list(opts.valid_regions or saved.get("valid_regions", []))
-        valid_files = [Path(p) for p in (opts.valid_files or saved.get("valid_files", []))]
-        if _fingerprint(fasta) != saved["fasta_fingerprint"]:
-            raise SeqssmError("cannot resume: the training FASTA files differ from the run's "
-                              f"({', '.join(f['name'] for f in saved['fasta_fingerprint'])})")
-        if _fingerprint(valid_files) != saved.get("valid_files_fingerprint", []):
-            raise SeqssmError("cannot resume: the --valid-file files differ from the run's")
-        if opts.init and opts.init != saved.get("init"):
-            raise SeqssmError("cannot resume with a different --init; use --force to start over")
-        # no checkpoint yet (cut during the first interval): start again from the run's own settings
-        init_loaded = load_model(saved["init"], device="cpu") if ckpt is None and saved.get("init") else None
-    else:
-        fasta = [Path(p) for p in opts.fasta]
-        valid_regions = list(opts.valid_regions)
-        valid_files = [Path(p) for p in opts.valid_files]
-        if not fasta:
-            raise SeqssmError("no training FASTA given")
-        init_loaded = load_model(opts.init, device="cpu") if opts.init else None
-    model_settings, cfg = _resolve(opts, saved, init_loaded.config.to_dict() if init_loaded is not None else None)
-    cfg.validate()
-    if saved is not None and saved.get("status") == "finished" and ckpt is not None \
-            and cfg.max_steps <= int(saved.get("step", 0)):
+    def settings():
+        """Data and settings; every rank reads the data (a failure on any rank stops them all)."""
+        if saved is not None:
+            fasta = [Path(p) for p in (opts.fasta or saved["fasta"])]
+            valid_regions = list(opts.valid_regions or saved.get("valid_regions", []))
+            valid_files = [Path(p) for p in (opts.valid_files or saved.get("valid_files", []))]
+            if _fingerprint(fasta) != saved["fasta_fingerprint"]:
+                raise SeqssmError("cannot resume: the training FASTA files differ from the run's "
+                                  f"({', '.join(f['name'] for f in saved['fasta_fingerprint'])})")
+            if _fingerprint(valid_files) != saved.get("valid_files_fingerprint", []):
+                raise SeqssmError("cannot resume: the --valid-file files differ from the run's")
+            if opts.init and opts.init != saved.get("init"):
+                raise SeqssmError("cannot resume with a different --init; use --force to start over")
+            # no checkpoint yet (cut during the first interval): start again from the run's own settings
+            init_loaded = load_model(saved["init"], device="cpu") if ckpt is None and saved.get("init") else None
+        else:
+            fasta = [Path(p) for p in opts.fasta]
+            valid_regions = list(opts.valid_regions)
+            valid_files = [Path(p) for p in opts.valid_files]
+            if not fasta:
+                raise SeqssmError("no training FASTA given")
+            init_loaded = load_model(opts.init, device="cpu") if opts.init else None
+        model_settings, cfg = _resolve(opts, saved, init_loaded.config.to_dict() if init_loaded is not None else None)
+        cfg.validate()
+        dist.check_divisible(cfg.batch_size)
+        if saved is not None and saved.get("status") == "finished" and ckpt is not None \
+                and cfg.max_steps <= int(saved.get("step", 0)):
+            return None, cfg
+        split = load_split(fasta, seq_len=cfg.seq_len, valid_regions=valid_regions, valid_files=valid_files)
+        if saved is not None and saved.get("split_signature") != json.loads(json.dumps(_split_signature(split))):
+            raise SeqssmError("cannot resume: the held-out split differs from the run's (same files and "
+                              "--valid-region/--valid-file are needed); use --force to start over")
+        return (fasta, valid_regions, valid_files, init_loaded, model_settings, split), cfg
+
+    loaded_settings, cfg = dist.agree(settings)
+    if loaded_settings is None:  # already finished
         ho = saved.get("heldout")
         msg = f"{out}: already finished at step {saved.get('step')}; give a larger --max-steps to train further"
-        if not opts.quiet:
+        if not opts.quiet and main:
             console.print(msg, highlight=False, soft_wrap=True)
         markov = json.loads((out / MARKOV_FILE).read_text()) if (out / MARKOV_FILE).is_file() else None
         return PretrainSummary(
@@ -319,13 +362,9 @@ def run_pretrain(opts: PretrainOptions, console=None) -> PretrainSummary:
             seconds=time.monotonic() - t_start, device="-", parameters=int(saved.get("parameters", 0)),
             resumed_from=int(saved.get("step", 0)), heldout=ho, markov=markov, split_rule=saved.get("split_rule", ""),
         )
+    fasta, valid_regions, valid_files, init_loaded, model_settings, split = loaded_settings
 
-    split = load_split(fasta, seq_len=cfg.seq_len, valid_regions=valid_regions, valid_files=valid_files)
-    if saved is not None and saved.get("split_signature") != json.loads(json.dumps(_split_signature(split))):
-        raise SeqssmError("cannot resume: the held-out split differs from the run's (same files and "
-                          "--valid-region/--valid-file are needed); use --force to start over")
-
-    # The model.
+    # The model (the same on every rank: the same seed, or the same --init weights).
     if init_loaded is not None:
         model = init_loaded.model
         model.train()
@@ -340,7 +379,6 @@ def run_pretrain(opts: PretrainOptions, console=None) -> PretrainSummary:
     n_params = count_parameters(model)
 
     command = opts.command or command_line(opts)
-    out.mkdir(parents=True, exist_ok=True)
     run = dict(saved or {})
     run.update({
         "status": "running",
@@ -360,34 +398,41 @@ def run_pretrain(opts: PretrainOptions, console=None) -> PretrainSummary:
         "created": run.get("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
         "commands": run.get("commands", []) + [command],
     })
-    _atomic_json(out / RUN_FILE, run)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_json(out / RUN_FILE, run)
 
-    display = _Display(console, quiet=opts.quiet, baseline=None)
+    display = _Display(console, quiet=opts.quiet or not main, baseline=None)
     display.log(f"data: {split.train_bases:,} training bases in {len(split.train)} stretch(es); "
                 f"{split.valid_bases:,} held-out bases ({split.description['rule']})")
 
-    # The Markov baseline on exactly this split (cached).
+    # The Markov baseline on exactly this split (cached); rank 0's alone, for its log and files.
     markov = None
-    if opts.markov_baseline:
+    if opts.markov_baseline and main:
         markov = _markov_baseline(out, split, cfg.seq_len, display)
         display.baseline = markov
 
     trainer = Trainer(model, split, cfg, run_dir=out, device=device, tokenizer=tokenizer,
                       extra_state={"init": run.get("init")}, callbacks=display,
-                      plot_baseline=(lambda: markov["best"]["ppl"]) if markov else None)
+                      plot_baseline=(lambda: markov["best"]["ppl"]) if markov else None, dist=dist, fsdp=opts.fsdp)
     if opts.compile:
-        trainer.forward_model = torch.compile(trainer.model)
+        trainer.compile()
     resumed_from = None
     if ckpt is not None:
         st = trainer.resume(ckpt)
         resumed_from = trainer.step
         display.log(f"resumed from {ckpt} (step {st['step']}, {st.get('tokens_seen', 0):,} tokens seen)")
     elif saved is not None:
-        (out / METRICS).unlink(missing_ok=True)  # written by an invocation cut before its first checkpoint
+        if main:
+            (out / METRICS).unlink(missing_ok=True)  # written by an invocation cut before its first checkpoint
         display.log("no checkpoint yet: starting from step 0")
     display.log(f"model: HyenaDNA d_model {model.config.d_model}, {model.config.n_layer} layers, "
-                f"{n_params:,} parameters; device {_device_name(device)}"
+                f"{n_params:,} parameters; device {_device_name(device, dist)}"
                 f"{' (bf16 autocast)' if device.type == 'cuda' else ''}")
+    if dist.enabled:
+        display.log(f"data parallel: {dist.world_size} processes ({dist.backend}, "
+                    f"{'FSDP2' if opts.fsdp else 'DDP'}), {cfg.batch_size // dist.world_size} of the "
+                    f"{cfg.batch_size} windows of each micro-batch per process")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -412,19 +457,23 @@ def run_pretrain(opts: PretrainOptions, console=None) -> PretrainSummary:
                            f"'shared_perplexity': A/C/G/T targets whose {SHARED_CONTEXT} preceding bases in "
                            "the window are A/C/G/T, the Markov baseline's position set"),
         }
-        info = _training_info(run, split, cfg, trainer, heldout, markov, device, n_params, command)
-        _write_final_model(out, model, tokenizer, info)
-        run.update(status="finished", step=outcome.step, heldout=heldout)
-        _atomic_json(out / RUN_FILE, run)
+        final_model = trainer.replica.model_to_save()  # collective under FSDP
+        if main:
+            info = _training_info(run, split, cfg, trainer, heldout, markov, device, n_params, command, dist,
+                                  opts.fsdp)
+            _write_final_model(out, final_model, tokenizer, info)
+            run.update(status="finished", step=outcome.step, heldout=heldout)
+            _atomic_json(out / RUN_FILE, run)
         display.log(f"[green]finished[/]: model written to {out}")
     else:
-        run.update(status="running", step=outcome.step)
-        _atomic_json(out / RUN_FILE, run)
+        if main:
+            run.update(status="running", step=outcome.step)
+            _atomic_json(out / RUN_FILE, run)
         display.log(f"[yellow]stopped[/] at step {outcome.step}/{cfg.max_steps}: {outcome.reason}; "
                     f"checkpoint {outcome.checkpoint}; run again with --resume to continue")
     return PretrainSummary(
         output=out, finished=outcome.finished, reason=outcome.reason, step=outcome.step, max_steps=cfg.max_steps,
-        tokens_seen=outcome.tokens_seen, seconds=time.monotonic() - t_start, device=_device_name(device),
+        tokens_seen=outcome.tokens_seen, seconds=time.monotonic() - t_start, device=_device_name(device, dist),
         parameters=n_params, resumed_from=resumed_from, heldout=heldout, markov=markov,
         split_rule=split.description["rule"], train_bases=split.train_bases, valid_bases=split.valid_bases,
     )
@@ -452,7 +501,8 @@ def _markov_baseline(out: Path, split: DataSplit, seq_len: int, display: _Displa
     return res
 
 
-def _training_info(run, split, cfg, trainer, heldout, markov, device, n_params, command) -> dict:
+def _training_info(run, split, cfg, trainer, heldout, markov, device, n_params, command, dist: Dist | None = None,
+                   fsdp: bool = False) -> dict:
     desc = split.description
     names = ", ".join(f["name"] for f in run["fasta_fingerprint"])
     info = {
@@ -475,7 +525,7 @@ def _training_info(run, split, cfg, trainer, heldout, markov, device, n_params, 
             "warmup_steps": cfg.warmup_steps,
             "weight_decay": cfg.weight_decay,
             "seed": cfg.seed,
-            "device": _device_name(device),
+            "device": _device_name(device, dist),
             "precision": "bf16 autocast" if device.type == "cuda" else "float32",
             "train_seconds": round(trainer.train_seconds, 1),
             "parameters": n_params,
@@ -488,6 +538,8 @@ def _training_info(run, split, cfg, trainer, heldout, markov, device, n_params, 
         "commands": run.get("commands", []),
         "seqssm_version": __version__,
     }
+    if dist is not None and dist.enabled:
+        info["training"]["data_parallel"] = data_parallel_info(dist, fsdp=fsdp, batch_size=cfg.batch_size)
     if markov is not None:
         info["markov_baseline"] = {
             "best_k": markov["best"]["k"],

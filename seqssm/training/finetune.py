@@ -28,6 +28,12 @@ Checkpoints: ``RUN/checkpoints/step-XXXXXXXX/`` = a fine-tuned model directory (
 + optimizer.pt + trainer_state.json, written atomically (seqssm.training.lm.write_checkpoint) at
 the end of every epoch and when a time budget stops a run mid-epoch; the latest and the best
 epoch's checkpoints are kept.
+
+Under torchrun (DDP) every rank builds the same padded global batch and trains on its contiguous
+share of the examples; the loss is a sum over the rank's examples divided by the global batch's
+normaliser (TaskLoss.parts), so the averaged gradient is the single-process one, class weights
+and missing labels included. Evaluation batches are dealt round-robin and the outputs gathered,
+so every rank computes the same metrics and takes the same early-stopping decision.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from seqssm.distributed import SINGLE, Dist, Replica, lockstep_batches, seed_rank
 from seqssm.errors import SeqssmError
 from seqssm.models.heads import POOLINGS, TASKS, SequenceClassifier, batch_examples, reverse_complement_padded
 from seqssm.training.lm import (
@@ -49,6 +56,7 @@ from seqssm.training.lm import (
     config_to_dict,
     adamw,
     autocast_for,
+    gather_rng,
     latest_in,
     param_groups,
     read_checkpoint_state,
@@ -224,6 +232,35 @@ class TaskLoss:
         per = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(targets), pos_weight=pw, reduction="none")
         return torch.where(mask, per, torch.zeros_like(per)).sum() / mask.sum().clamp(min=1)
 
+    def parts(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The numerator of the batch loss: a sum over examples (the loss is parts / normaliser)."""
+        logits = logits.float()
+        dev = logits.device
+        if self.task == "multiclass":
+            w = torch.tensor(self.weights, device=dev, dtype=torch.float32) if self.weights else None
+            return F.cross_entropy(logits, targets[:, 0].long(), weight=w, reduction="sum")
+        if self.task == "regression":
+            z = (targets - torch.tensor(self.mean, device=dev)) / torch.tensor(self.std, device=dev)
+            mask = ~torch.isnan(z)
+            return torch.where(mask, (logits - torch.nan_to_num(z)) ** 2, torch.zeros_like(logits)).sum()
+        mask = ~torch.isnan(targets)
+        pw = torch.tensor(self.weights, device=dev, dtype=torch.float32) if self.weights else None
+        per = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(targets), pos_weight=pw, reduction="none")
+        return torch.where(mask, per, torch.zeros_like(per)).sum()
+
+    def normaliser(self, targets: torch.Tensor) -> torch.Tensor:
+        """What the batch loss divides ``parts`` by: the class weights of the targets (weighted
+        multiclass), the number of examples (multiclass), or of the labels present."""
+        if self.task == "multiclass":
+            if self.weights:
+                w = torch.tensor(self.weights, device=targets.device, dtype=torch.float32)
+                return w[targets[:, 0].long()].sum()
+            return torch.tensor(float(targets.shape[0]), device=targets.device)
+        if self.task == "regression":
+            z = targets - torch.tensor(self.mean, device=targets.device)
+            return (~torch.isnan(z)).sum().clamp(min=1).float()
+        return (~torch.isnan(targets)).sum().clamp(min=1).float()
+
 
 # ----------------------------------------------------------------------------- prediction
 
@@ -237,10 +274,12 @@ def predict(
     batch_size: int = 64,
     rc_average: bool = False,
     loss_fn: TaskLoss | None = None,
+    dist: Dist = SINGLE,
 ) -> tuple[np.ndarray, float | None]:
     """(outputs in example order, mean loss or None): probabilities / values as predict_proba.
 
     Examples are batched by length (less padding); the loss is that of the forward-strand logits.
+    Under torchrun the batches are dealt round-robin to the ranks and every rank gets all outputs.
     """
     was_training = model.training
     model.eval()
@@ -249,8 +288,11 @@ def predict(
     outs: list[np.ndarray] = [None] * n  # type: ignore[list-item]
     loss_sum, loss_n = 0.0, 0
     both = model.head_config.pooling == "both"
+    starts = range(0, n, batch_size)
+    mine = lockstep_batches(len(starts), dist, lockstep=False) if dist.enabled else range(len(starts))
     try:
-        for i in range(0, n, batch_size):
+        for k in mine:
+            i = starts[k]
             idx = order[i:i + batch_size]
             x, lengths = batch_examples([data.ids[j] for j in idx])
             x, lengths = x.to(device, non_blocking=True), lengths.to(device)
@@ -268,15 +310,23 @@ def predict(
                 outs[j] = out[k]
     finally:
         model.train(was_training)
+    if dist.enabled:
+        done = [(j, outs[j]) for j in range(n) if outs[j] is not None]
+        for part in dist.all_gather(done):
+            for j, o in part:
+                outs[j] = o
+        loss_sum, loss_n = dist.all_sum([loss_sum, loss_n])
+        loss_n = int(loss_n)
     if n == 0:
         return np.zeros((0,), np.float32), None
     return np.stack(outs), (loss_sum / loss_n if loss_n else None)
 
 
 def evaluate_split(model, data: ArrayData, *, task: str, label_names, device, batch_size, rc_average,
-                   loss_fn: TaskLoss | None) -> tuple[dict, np.ndarray]:
+                   loss_fn: TaskLoss | None, dist: Dist = SINGLE) -> tuple[dict, np.ndarray]:
     """(metrics incl. "loss", outputs) on one split."""
-    outputs, loss = predict(model, data, device=device, batch_size=batch_size, rc_average=rc_average, loss_fn=loss_fn)
+    outputs, loss = predict(model, data, device=device, batch_size=batch_size, rc_average=rc_average, loss_fn=loss_fn,
+                            dist=dist)
     if len(data) == 0:
         return {"loss": None, "n": 0}, outputs
     names = label_names if task != "binary" else None
@@ -343,11 +393,14 @@ class FinetuneTrainer:
         extra_state: dict | None = None,
         callbacks: FinetuneCallbacks | None = None,
         on_history=None,
+        dist: Dist = SINGLE,
     ):
         cfg.validate()
         if len(train) == 0:
             raise SeqssmError("the training split is empty")
+        dist.check_divisible(cfg.batch_size)
         self.cfg = cfg
+        self.dist = dist
         self.model = model.to(device)
         self.train_data = train
         self.valid_data = valid
@@ -366,6 +419,9 @@ class FinetuneTrainer:
 
         if cfg.freeze_backbone:
             self.model.backbone.requires_grad_(False)
+        self.replica = Replica(self.model, dist)  # DDP under torchrun (after freezing: frozen weights are not synced)
+        self.forward_model = self.replica.train
+        if cfg.freeze_backbone:
             groups = []
         else:
             groups = [dict(g, peak_lr=cfg.lr) for g in param_groups(self.model.backbone, cfg.weight_decay)]
@@ -386,9 +442,12 @@ class FinetuneTrainer:
         self.stopped_early = False
         self.train_seconds = 0.0
         self.last_checkpoint: Path | None = None
+        self._checkpoint_step: int | None = None
         self.last_lrs: list[float] = [None, None]  # type: ignore[list-item]  # of the latest step (history)
         self._eval_seconds = 0.0
         self._save_seconds = 0.0
+        if dist.enabled:
+            seed_rank(cfg.seed, dist.rank)  # the same init everywhere, different dropout masks per rank
 
     # -- state
     def state(self) -> dict:
@@ -414,7 +473,8 @@ class FinetuneTrainer:
             self.model.load_state_dict(saved.state_dict(), strict=True)
         except RuntimeError as e:
             raise SeqssmError(f"checkpoint {ckpt} does not match the model: {str(e).splitlines()[0]}") from None
-        restore_optimizer(ckpt, self.optimizer, self.device)
+        restore_optimizer(ckpt, self.optimizer, self.device, replica=self.replica if self.dist.enabled else None,
+                          seed=self.cfg.seed, step=int(st["step"]))
         self.step, self.epoch, self.batch = int(st["step"]), int(st["epoch"]), int(st["batch"])
         self.epoch_loss = [float(st["epoch_loss"][0]), int(st["epoch_loss"][1])]
         self.history = list(st.get("history", []))
@@ -425,6 +485,7 @@ class FinetuneTrainer:
             and self.epoch < self.cfg.epochs
         self.train_seconds = float(st.get("train_seconds", 0.0))
         self.last_checkpoint = ckpt
+        self._checkpoint_step = self.step
         return st
 
     def save(self) -> Path:
@@ -438,9 +499,14 @@ class FinetuneTrainer:
             save_finetuned(self.model, tmp, tokenizer=self.tokenizer, preprocessing=self.preprocessing, info=info)
 
         protect = (Path(self.best["checkpoint"]).name,) if self.best.get("checkpoint") else ()
-        path = write_checkpoint(self.ckpt_root, name, write_model, self.optimizer, self.state(), keep=1,
-                                protect=protect)
+        rng_ranks = gather_rng(self.dist)
+        path = self.ckpt_root / name
+        if self.dist.is_main:  # the other ranks wait until it is on disk
+            path = write_checkpoint(self.ckpt_root, name, write_model, self.optimizer, self.state(), keep=1,
+                                    protect=protect, rng_ranks=rng_ranks)
+        self.dist.barrier()
         self._save_seconds = time.monotonic() - t0
+        self._checkpoint_step = self.step
         self.last_checkpoint = path
         self.cb.on_checkpoint(self, path)
         return path
@@ -475,10 +541,13 @@ class FinetuneTrainer:
             flip = torch.from_numpy(flips[idx]).to(self.device)
             x = torch.where(flip[:, None], reverse_complement_padded(x, lengths), x)
         y = torch.from_numpy(self.train_data.targets[idx]).to(self.device)
-        with autocast_for(self.device):
-            logits = self.model(x, lengths)
-        loss = self.loss_fn(logits, y)
-        loss.backward()
+        if self.dist.enabled:
+            loss = self._shard_loss(x, lengths, y)
+        else:
+            with autocast_for(self.device):
+                logits = self.model(x, lengths)
+            loss = self.loss_fn(logits, y)
+            loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if cfg.grad_clip and cfg.grad_clip > 0:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
@@ -497,11 +566,29 @@ class FinetuneTrainer:
                 "lr": lrs[0], "head_lr": lrs[-1], "grad_norm": gnorm, "step_seconds": dt,
                 "examples_per_s": len(idx) / dt if dt > 0 else None}
 
+    def _shard_loss(self, x: torch.Tensor, lengths: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward/backward of this rank's rows of the padded global batch; returns the global batch loss.
+
+        Each rank's loss is its sum (TaskLoss.parts) x world / the global normaliser, so DDP's average
+        is the single-process gradient. A rank left without rows runs one example with weight 0."""
+        world = self.dist.world_size
+        norm = self.loss_fn.normaliser(y)
+        rows = self.dist.rows(x.shape[0])
+        empty = rows.start == rows.stop
+        if empty:
+            rows = slice(0, 1)
+        with autocast_for(self.device):
+            logits = self.forward_model(x[rows], lengths[rows])
+        part = self.loss_fn.parts(logits, y[rows])
+        (part * (0.0 if empty else float(world)) / norm).backward()
+        total = self.dist.all_sum_((part.detach() * (0.0 if empty else 1.0)).double())
+        return total / norm.double()
+
     def evaluate_valid(self) -> dict:
         t0 = time.monotonic()
         metrics, _ = evaluate_split(self.model, self.valid_data, task=self.task, label_names=self.label_names,
                                     device=self.device, batch_size=self.cfg.eval_batch_size or 2 * self.cfg.batch_size,
-                                    rc_average=self.cfg.rc_average, loss_fn=self.loss_fn)
+                                    rc_average=self.cfg.rc_average, loss_fn=self.loss_fn, dist=self.dist)
         self._eval_seconds = time.monotonic() - t0
         return metrics
 
@@ -529,7 +616,7 @@ class FinetuneTrainer:
             self.stopped_early = True
         self.history.append(row)
         self.save()
-        if self.on_history is not None:
+        if self.on_history is not None and self.dist.is_main:
             self.on_history(self)
         self.cb.on_epoch(self, row)
         return row
@@ -543,7 +630,8 @@ class FinetuneTrainer:
         need = step_time * 1.5 + self._save_seconds + 1.0
         if self.batch + 1 >= self.steps_per_epoch:
             need += self._eval_seconds
-        return time.monotonic() + need > stop.started + 60.0 * stop.max_minutes
+        late = time.monotonic() + need > stop.started + 60.0 * stop.max_minutes
+        return bool(self.dist.broadcast(late))  # rank 0's clock decides for every rank
 
     def fit(self, stop: FinetuneStop | None = None) -> FinetuneOutcome:
         """Train until the last epoch, early stopping, or ``stop``; always leaves a checkpoint behind."""
@@ -577,7 +665,7 @@ class FinetuneTrainer:
         if finished:
             reason = (f"early stopping: no improvement of valid {self.metric} in {self.cfg.patience} epochs"
                       if self.stopped_early else "finished")
-        elif self.last_checkpoint is None or read_checkpoint_state(self.last_checkpoint)["step"] != self.step:
+        elif self._checkpoint_step != self.step:
             self.save()
         best = self.ckpt_root / self.best["checkpoint"] if self.best.get("checkpoint") else None
         return FinetuneOutcome(self.step, self.epoch, finished, reason, self.best.get("epoch"), self.best.get("value"),

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from seqssm.io.atomic import atomic_write_text
+from seqssm.distributed import SINGLE, Dist, Replica, lockstep_batches, seed_rank
 from seqssm.errors import SeqssmError
 from seqssm.training.data import DataSplit, WindowSampler, is_acgt, target_masks, validation_windows
 
@@ -196,26 +197,37 @@ def evaluate(
     device: torch.device,
     batch_size: int = 32,
     masks: tuple[np.ndarray, np.ndarray] | None = None,
+    dist: Dist = SINGLE,
+    lockstep: bool = False,
 ) -> dict:
     """Held-out NLL/perplexity on fixed windows, on the ``acgt`` and the ``shared`` target sets.
 
-    See seqssm.training.data for the two sets; ``shared`` is the Markov baseline's.
+    See seqssm.training.data for the two sets; ``shared`` is the Markov baseline's. Under torchrun
+    the single-process batches are dealt round-robin to the ranks and the sums added up
+    (``lockstep``: FSDP, where every rank must run as many forwards as the others).
     """
     was_training = model.training
     model.eval()
     acgt, shared = masks if masks is not None else target_masks(windows)
     sums = {"acgt": 0.0, "shared": 0.0}
     counts = {"acgt": int(acgt.sum()), "shared": int(shared.sum())}
+    starts = range(0, len(windows), batch_size)
+    mine = lockstep_batches(len(starts), dist, lockstep=lockstep) if dist.enabled else range(len(starts))
     try:
-        for i in range(0, len(windows), batch_size):
+        for k in mine:
+            i = starts[k if k is not None else 0]
             x = torch.from_numpy(windows[i:i + batch_size].astype(np.int64)).to(device, non_blocking=True)
             with autocast_for(device):
                 logits = model(x)
+            if k is None:
+                continue  # a lockstep filler: the forward only keeps the ranks together
             nll = token_nll(logits, x).double().cpu().numpy()
             sums["acgt"] += float(nll[acgt[i:i + batch_size]].sum())
             sums["shared"] += float(nll[shared[i:i + batch_size]].sum())
     finally:
         model.train(was_training)
+    if dist.enabled:
+        sums["acgt"], sums["shared"] = dist.all_sum([sums["acgt"], sums["shared"]])
     out = {"val_windows": int(len(windows)), "val_targets": counts["acgt"], "val_targets_shared": counts["shared"]}
     for key, prefix in (("acgt", "val"), ("shared", "val_shared")):
         loss = sums[key] / max(counts[key], 1)
@@ -252,6 +264,7 @@ def save_checkpoint(
     *,
     tokenizer,
     keep: int = 1,
+    rng_ranks: list | None = None,
 ) -> Path:
     """Write RUN/checkpoints/step-XXXXXXXX atomically, point LATEST at it, prune older ones.
 
@@ -266,7 +279,7 @@ def save_checkpoint(
                                                             "tokens_seen": state.get("tokens_seen")})
 
     return write_checkpoint(Path(run_dir) / CHECKPOINTS, f"step-{int(state['step']):08d}", write_model,
-                            optimizer, state, keep=keep)
+                            optimizer, state, keep=keep, rng_ranks=rng_ranks)
 
 
 def write_checkpoint(
@@ -278,11 +291,14 @@ def write_checkpoint(
     *,
     keep: int = 1,
     protect: tuple[str, ...] = (),
+    rng_ranks: list | None = None,
 ) -> Path:
     """Write ``root/name`` atomically, point ``root/LATEST`` at it, prune older ones.
 
     ``write_model(tmp)`` writes the model directory into ``tmp`` (which must not exist yet);
     optimizer.pt (optimizer + RNG states) and trainer_state.json (``state``) are added beside it.
+    ``optimizer`` may be an optimizer or its state dict (data-parallel runs gather it first);
+    ``rng_ranks``: the RNG states of every rank of a torchrun job (rank 0's is also saved as "rng").
     Pruning keeps the newest ``keep`` step-* directories (this one included) and those named in
     ``protect``.
     """
@@ -293,7 +309,11 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     write_model(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
+    opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    blob = {"optimizer": opt_state, "rng": rng_ranks[0] if rng_ranks else rng_state()}
+    if rng_ranks:
+        blob["rng_ranks"] = list(rng_ranks)
+    torch.save(blob, tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     if final.exists():  # the same step saved again
         old = root / f".old-{name}-{os.getpid()}"
@@ -336,30 +356,58 @@ def read_checkpoint_state(ckpt: Path) -> dict:
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    device: torch.device) -> dict:
-    """Restore model weights, optimizer and RNG states in place; return the trainer state."""
+                    device: torch.device, *, replica: Replica | None = None, seed: int = 0) -> dict:
+    """Restore model weights, optimizer and RNG states in place; return the trainer state.
+
+    ``replica``: the data-parallel wrapper of ``model`` (every rank loads the same files)."""
     from seqssm.models import load_model
 
     ckpt = Path(ckpt)
     loaded = load_model(ckpt, device="cpu")
     try:
-        model.load_state_dict(loaded.model.state_dict(), strict=True)
+        if replica is not None:
+            replica.load_model_state(loaded.model.state_dict())
+        else:
+            model.load_state_dict(loaded.model.state_dict(), strict=True)
     except RuntimeError as e:
         raise SeqssmError(f"checkpoint {ckpt} does not match the model: {str(e).splitlines()[0]}") from None
-    restore_optimizer(ckpt, optimizer, device)
-    return read_checkpoint_state(ckpt)
+    st = read_checkpoint_state(ckpt)
+    restore_optimizer(ckpt, optimizer, device, replica=replica, seed=seed, step=int(st.get("step", 0)))
+    return st
 
 
-def restore_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer | None, device: torch.device) -> None:
-    """Load ``ckpt/optimizer.pt`` into ``optimizer`` and restore the RNG states saved with it."""
+def restore_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer | None, device: torch.device, *,
+                      replica: Replica | None = None, seed: int = 0, step: int = 0) -> bool:
+    """Load ``ckpt/optimizer.pt`` into ``optimizer`` and restore the RNG states saved with it.
+
+    Under torchrun each rank takes its own saved RNG state when the checkpoint was written by as
+    many ranks; otherwise its dropout RNG is seeded from (seed, rank, step). Returns whether the RNG
+    states were restored exactly."""
     ckpt = Path(ckpt)
     try:
         blob = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
     except Exception as e:  # truncated or foreign file
         raise SeqssmError(f"{ckpt / 'optimizer.pt'}: cannot read optimizer state: {e}") from None
     if optimizer is not None:
-        optimizer.load_state_dict(blob["optimizer"])
-    set_rng_state(blob.get("rng", {}))
+        if replica is not None:
+            replica.load_optimizer_state(optimizer, blob["optimizer"])
+        else:
+            optimizer.load_state_dict(blob["optimizer"])
+    dist = replica.dist if replica is not None else SINGLE
+    if not dist.enabled:
+        set_rng_state(blob.get("rng", {}))
+        return True
+    ranks = blob.get("rng_ranks") or []
+    if len(ranks) == dist.world_size:
+        set_rng_state(ranks[dist.rank])
+        return True
+    seed_rank(seed, dist.rank, step)
+    return False
+
+
+def gather_rng(dist: Dist) -> list | None:
+    """Every rank's RNG states (for rank 0 to save); None in a single process. Collective."""
+    return dist.all_gather(rng_state()) if dist.enabled else None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -482,7 +530,13 @@ class Callbacks:
 
 
 class Trainer:
-    """Runs the optimisation of one run directory; resumable at any checkpoint."""
+    """Runs the optimisation of one run directory; resumable at any checkpoint.
+
+    Under torchrun (``dist``) every rank draws the same global batch and trains on its contiguous
+    1/world slice; with the loss scaled by the world size, the averaged gradient is the
+    single-process gradient of the global batch. Only rank 0 writes checkpoints, metrics and plots.
+    ``fsdp``: shard parameters, gradients and optimizer state (FSDP2) instead of replicating them.
+    """
 
     def __init__(
         self,
@@ -497,11 +551,23 @@ class Trainer:
         callbacks: Callbacks | None = None,
         plot_baseline: Callable[[], float | None] | None = None,
         plot: bool = True,
+        dist: Dist = SINGLE,
+        fsdp: bool = False,
     ):
         cfg.validate()
+        dist.check_divisible(cfg.batch_size)
         self.cfg = cfg
-        self.model = model.to(device)
-        self.forward_model = self.model  # may be replaced by a torch.compile'd wrapper of self.model
+        self.dist = dist
+        sharded = fsdp and dist.enabled  # FSDP moves each block to the device as it shards it: never whole
+        self.model = model if sharded else model.to(device)
+        self.replica = Replica(self.model, dist, fsdp=fsdp)
+        if sharded:  # buffers FSDP does not manage follow the parameters
+            for m in self.model.modules():
+                for name, b in list(m.named_buffers(recurse=False)):
+                    if b.device != device:
+                        m._buffers[name] = b.to(device)
+        self.forward_model = self.replica.train  # training forward (DDP wrapper, or the model); see compile()
+        self.eval_model = self.model if dist.enabled else None  # None: evaluate with forward_model
         self.split = split
         self.device = device
         self.run_dir = Path(run_dir)
@@ -524,8 +590,18 @@ class Trainer:
         self.train_seconds = 0.0
         self.last_eval: dict | None = None
         self.last_checkpoint: Path | None = None
+        self._checkpoint_step: int | None = None  # step of last_checkpoint
         self._eval_seconds = 0.0
         self._save_seconds = 0.0
+        if dist.enabled:
+            seed_rank(cfg.seed, dist.rank)  # the same init everywhere, different dropout masks per rank
+
+    def compile(self) -> None:
+        """torch.compile the training (and evaluation) forward; under DDP the DDP wrapper is compiled,
+        so its gradient buckets overlap the backward (TorchDynamo's DDPOptimizer)."""
+        self.forward_model = torch.compile(self.forward_model)
+        if self.eval_model is not None:
+            self.eval_model = torch.compile(self.eval_model) if self.replica.kind == "ddp" else self.forward_model
 
     # -- state
     def state(self) -> dict:
@@ -541,21 +617,33 @@ class Trainer:
         }
 
     def resume(self, ckpt: Path) -> dict:
-        st = load_checkpoint(ckpt, self.model, self.optimizer, self.device)
+        st = load_checkpoint(ckpt, self.model, self.optimizer, self.device,
+                             replica=self.replica if self.dist.enabled else None, seed=self.cfg.seed)
         self.step = int(st["step"])
         self.tokens_seen = int(st.get("tokens_seen", 0))
         self.train_seconds = float(st.get("train_seconds", 0.0))
         self.last_eval = st.get("last_eval")
         self.last_checkpoint = Path(ckpt)
-        self.metrics.truncate_after(self.step)
+        self._checkpoint_step = self.step
+        if self.dist.is_main:
+            self.metrics.truncate_after(self.step)
         return st
 
     def save(self) -> Path:
+        """Checkpoint (rank 0 writes; every rank takes part: FSDP gathers the weights, the RNG states
+        of all ranks are collected), then wait until it is on disk."""
         t0 = time.monotonic()
-        path = save_checkpoint(self.run_dir, self.model, self.optimizer, self.state(),
-                               tokenizer=self.tokenizer, keep=self.cfg.keep_checkpoints)
+        model = self.replica.model_to_save()
+        opt_state = self.replica.optimizer_state(self.optimizer) if self.dist.enabled else self.optimizer
+        rng_ranks = gather_rng(self.dist)
+        path = Path(self.run_dir) / CHECKPOINTS / f"step-{self.step:08d}"
+        if self.dist.is_main:
+            path = save_checkpoint(self.run_dir, model, opt_state, self.state(), tokenizer=self.tokenizer,
+                                   keep=self.cfg.keep_checkpoints, rng_ranks=rng_ranks)
+        self.dist.barrier()
         self._save_seconds = time.monotonic() - t0
         self.last_checkpoint = path
+        self._checkpoint_step = self.step
         self.cb.on_checkpoint(self, path)
         return path
 
@@ -570,15 +658,17 @@ class Trainer:
     def evaluate(self, *, full: bool = True) -> dict:
         t0 = time.monotonic()
         windows, masks = self._eval_windows(full)
-        res = evaluate(self.forward_model, windows, device=self.device,
-                       batch_size=self.cfg.eval_batch_size or self.cfg.batch_size, masks=masks)
+        res = evaluate(self.eval_model or self.forward_model, windows, device=self.device,
+                       batch_size=self.cfg.eval_batch_size or self.cfg.batch_size, masks=masks,
+                       dist=self.dist, lockstep=self.replica.lockstep)
         self._eval_seconds = time.monotonic() - t0
         rec = {"kind": "eval", "step": self.step, "tokens_seen": self.tokens_seen, "full": bool(full or
                windows is self.val_windows), **res, "eval_seconds": round(self._eval_seconds, 3)}
         self.last_eval = rec
-        self.metrics.append(rec)
+        if self.dist.is_main:
+            self.metrics.append(rec)
         self.cb.on_eval(self, rec)
-        if self.plot:
+        if self.plot and self.dist.is_main:
             self.plot_curves()
         return rec
 
@@ -593,22 +683,31 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        # Every rank draws the whole global batch (cheap) and keeps its slice; the target count that
+        # normalises the loss is the global one, so per-rank losses add up to the single-process loss.
         batches = [self.sampler.batch(self.step, m, cfg.batch_size) for m in range(cfg.grad_accum)]
         n_targets = int(sum(int(is_acgt(b[:, 1:]).sum()) for b in batches))
+        rows = self.dist.rows(cfg.batch_size)
+        world = self.dist.world_size
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for b in batches:
+        for m, b in enumerate(batches):
+            if world > 1:
+                b = b[rows]
             x = torch.from_numpy(b.astype(np.int64)).to(self.device, non_blocking=True)
-            with autocast_for(self.device):
-                logits = self.forward_model(x)
-            nll = token_nll(logits, x).sum()
-            (nll / max(n_targets, 1)).backward()
+            with self.replica.sync_grads(m == len(batches) - 1):
+                with autocast_for(self.device):
+                    logits = self.forward_model(x)
+                nll = token_nll(logits, x).sum()
+                loss = nll / max(n_targets, 1)
+                (loss * world if world > 1 else loss).backward()  # DDP/FSDP average over the ranks
             total += nll.detach().double()
         if cfg.grad_clip and cfg.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            gnorm = self.replica.clip_grad_norm(self.model.parameters(), cfg.grad_clip)
         else:
             gnorm = float("nan")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.dist.all_sum_(total)
         loss = float(total) / max(n_targets, 1)  # syncs the device: the step is done
         dt = time.perf_counter() - t0
         tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
@@ -625,7 +724,8 @@ class Trainer:
         need = step_time * 1.5 + self._save_seconds + 1.0
         if (self.step + 1) % self.cfg.eval_every == 0:
             need += self._eval_seconds
-        return time.monotonic() + need > stop.started + 60.0 * stop.max_minutes
+        late = time.monotonic() + need > stop.started + 60.0 * stop.max_minutes
+        return bool(self.dist.broadcast(late))  # rank 0's clock decides for every rank
 
     def fit(self, stop: StopRule | None = None) -> TrainOutcome:
         """Train until max_steps or until ``stop`` says so; always leaves a checkpoint behind."""
@@ -649,7 +749,8 @@ class Trainer:
             if not math.isfinite(rec["loss"]):
                 raise SeqssmError(f"training diverged at step {self.step} (loss {rec['loss']}); lower --lr and "
                                   "resume from the last checkpoint or start over with --force")
-            self.metrics.append(rec)
+            if self.dist.is_main:
+                self.metrics.append(rec)
             self.cb.on_step(self, rec)
             if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 self.evaluate(full=False)
@@ -660,8 +761,8 @@ class Trainer:
             if not (self.last_eval and self.last_eval["step"] == self.step and self.last_eval.get("full")):
                 self.evaluate(full=True)
             reason = "finished"
-        elif self.plot and steps_this_run:
+        elif self.plot and steps_this_run and self.dist.is_main:
             self.plot_curves()  # the training curve up to where this invocation stopped
-        if self.last_checkpoint is None or read_checkpoint_state(self.last_checkpoint)["step"] != self.step:
+        if self._checkpoint_step != self.step:
             self.save()
         return TrainOutcome(self.step, finished, reason, self.tokens_seen, self.last_eval, self.last_checkpoint)

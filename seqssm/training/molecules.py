@@ -16,6 +16,12 @@ validation loss is kept in ``RUN/best`` (a model directory); with ``patience`` t
 that many evaluations without improvement (early stopping for fine-tuning on few actives).
 Checkpoints as in ``seqssm.training.lm``: ``RUN/checkpoints/step-*`` (model directory +
 optimizer.pt + trainer_state.json), written atomically, LATEST updated last.
+
+Under torchrun (DDP) every rank builds the same global batch and trains on its contiguous share
+of the molecules, padded to the global batch's width; the loss is normalised by the global token
+count, so the averaged gradient is the single-process one. The last batch of an epoch may give a
+rank fewer molecules, or none (it then runs one molecule with weight 0 to join the gradient sum).
+Validation batches are dealt round-robin to the ranks and the sums added up.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from seqssm.distributed import SINGLE, Dist, Replica, lockstep_batches, seed_rank
 from seqssm.errors import SeqssmError
 from seqssm.training.lm import (
     CURVES,
@@ -40,6 +47,7 @@ from seqssm.training.lm import (
     StopRule,
     adamw,
     autocast_for,
+    gather_rng,
     plot_curves,
     read_checkpoint_state,
     restore_optimizer,
@@ -144,15 +152,19 @@ def token_nll_sum(logits: torch.Tensor, x: torch.Tensor, pad_id: int) -> tuple[t
 
 
 @torch.no_grad()
-def evaluate_set(model, data: EncodedSet, *, device: torch.device, batch_size: int, pad_id: int) -> dict:
+def evaluate_set(model, data: EncodedSet, *, device: torch.device, batch_size: int, pad_id: int,
+                 dist: Dist = SINGLE) -> dict:
     """Mean NLL per token and perplexity over the whole set (in length order, to pad little)."""
     was = model.training
     model.eval()
     order = torch.argsort(data.lengths.cpu(), stable=True)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
+    starts = range(0, len(data), batch_size)
+    mine = lockstep_batches(len(starts), dist, lockstep=False) if dist.enabled else range(len(starts))
     try:
-        for s in range(0, len(data), batch_size):
+        for k in mine:
+            s = starts[k]
             idx = order[s:s + batch_size].to(data.tokens.device)
             x = batch_tensor(data, idx, device)
             with autocast_for(device):
@@ -162,6 +174,9 @@ def evaluate_set(model, data: EncodedSet, *, device: torch.device, batch_size: i
             count += int(n)
     finally:
         model.train(was)
+    if dist.enabled:
+        total, count = dist.all_sum([float(total), count])
+        count = int(count)
     loss = float(total) / max(count, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count,
             "val_molecules": len(data)}
@@ -225,14 +240,18 @@ class MoleculeTrainer:
 
     def __init__(self, model, train: EncodedSet, valid: EncodedSet, cfg: MolTrainConfig, *, run_dir: Path,
                  device: torch.device, save_model, extra_state: dict | None = None,
-                 callbacks: Callbacks | None = None, compile: bool = False, plot: bool = True):
+                 callbacks: Callbacks | None = None, compile: bool = False, plot: bool = True,
+                 dist: Dist = SINGLE):
         cfg.validate()
         if len(train) == 0 or len(valid) == 0:
             raise SeqssmError("training and validation sets must each hold at least one molecule")
         self.cfg = cfg
         self.device = device
+        self.dist = dist
         self.model = model.to(device)
-        self.forward_model = torch.compile(self.model, dynamic=False) if compile else self.model
+        self.replica = Replica(self.model, dist)
+        train_fwd = self.replica.train  # the DDP wrapper under torchrun
+        self.forward_model = torch.compile(train_fwd, dynamic=False) if compile else train_fwd
         self.pad_id = int(model.cfg.pad_id)
         # Keep the data where the model is: a batch is then one gather, no host round trip.
         self.train = train.to(device) if device.type == "cuda" else train
@@ -257,11 +276,14 @@ class MoleculeTrainer:
         self.p = _Progress()
         self.last_eval: dict | None = None
         self.last_checkpoint: Path | None = None
+        self._checkpoint_step: int | None = None
         self._order: tuple[int, torch.Tensor] | None = None
         self._pending: list = []
         self._window_start: float | None = None
         self._eval_seconds = 0.0
         self._save_seconds = 0.0
+        if dist.enabled:
+            seed_rank(cfg.seed, dist.rank)  # the same init everywhere, different dropout masks per rank
 
     # -- bookkeeping
     @property
@@ -288,23 +310,33 @@ class MoleculeTrainer:
             self.model.load_state_dict(loaded.state_dict(), strict=True)
         except RuntimeError as e:
             raise SeqssmError(f"checkpoint {ckpt} does not match the model: {str(e).splitlines()[0]}") from None
-        restore_optimizer(ckpt, self.optimizer, self.device)
         st = read_checkpoint_state(ckpt)
+        restore_optimizer(ckpt, self.optimizer, self.device, replica=self.replica if self.dist.enabled else None,
+                          seed=self.cfg.seed, step=int(st["step"]))
         self.p = _Progress(step=int(st["step"]), tokens_seen=int(st.get("tokens_seen", 0)),
                            train_seconds=float(st.get("train_seconds", 0.0)), best=st.get("best"),
                            evals_since_best=int(st.get("evals_since_best", 0)),
                            stopped_early=bool(st.get("stopped_early", False)))
         self.last_eval = st.get("last_eval")
         self.last_checkpoint = ckpt
-        self.metrics.truncate_after(self.p.step)
+        self._checkpoint_step = self.p.step
+        if self.dist.is_main:
+            self.metrics.truncate_after(self.p.step)
         return st
 
     def save(self) -> Path:
+        """Rank 0 writes the checkpoint (with every rank's RNG state); all ranks wait until it is on disk."""
         t0 = time.monotonic()
         info = {"checkpoint": True, "step": self.p.step, "epoch": self.epoch}
-        path = write_checkpoint(self.run_dir / "checkpoints", f"step-{self.p.step:08d}",
-                                lambda tmp: self.save_model(self.model, tmp, info), self.optimizer, self.state())
+        rng_ranks = gather_rng(self.dist)
+        path = self.run_dir / "checkpoints" / f"step-{self.p.step:08d}"
+        if self.dist.is_main:
+            path = write_checkpoint(self.run_dir / "checkpoints", f"step-{self.p.step:08d}",
+                                    lambda tmp: self.save_model(self.model, tmp, info), self.optimizer, self.state(),
+                                    rng_ranks=rng_ranks)
+        self.dist.barrier()
         self._save_seconds = time.monotonic() - t0
+        self._checkpoint_step = self.p.step
         self.last_checkpoint = path
         self.cb.on_checkpoint(self, path)
         return path
@@ -353,10 +385,14 @@ class MoleculeTrainer:
             x = self.train.tokens[idx, : self.fixed_width].to(self.device, non_blocking=True).long()
         else:
             x = batch_tensor(self.train, idx, self.device)
-        with autocast_for(self.device):
-            logits = self.forward_model(x[:, :-1])
-        nll, n = token_nll_sum(logits, x, self.pad_id)
-        (nll / n.clamp(min=1)).backward()
+        positions = x.numel() - x.shape[0]
+        if self.dist.enabled:
+            nll, n = self._shard_loss(x)
+        else:
+            with autocast_for(self.device):
+                logits = self.forward_model(x[:, :-1])
+            nll, n = token_nll_sum(logits, x, self.pad_id)
+            (nll / n.clamp(min=1)).backward()
         if self.cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         else:
@@ -364,13 +400,37 @@ class MoleculeTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.p.step += 1
-        self._pending.append((nll.detach(), n, gnorm.detach(), x.numel() - x.shape[0], self.cfg.lr * factor))
+        self._pending.append((nll.detach(), n, gnorm.detach(), positions, self.cfg.lr * factor))
+
+    def _shard_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward of this rank's rows of the global batch ``x``; (summed NLL, targets) of those rows.
+
+        The loss is scaled by world / (global target count): DDP's average over the ranks is then the
+        single-process mean over the global batch. A rank left without rows runs the first molecule
+        with weight 0, so that it still joins the gradient all-reduce."""
+        world = self.dist.world_size
+        n_global = (x[:, 1:] != self.pad_id).sum()
+        rows = self.dist.rows(x.shape[0])
+        empty = rows.start == rows.stop
+        xr = x[:1] if empty else x[rows]
+        with autocast_for(self.device):
+            logits = self.forward_model(xr[:, :-1])
+        nll, n = token_nll_sum(logits, xr, self.pad_id)
+        weight = 0.0 if empty else float(world)
+        (nll * weight / n_global.clamp(min=1)).backward()
+        if empty:
+            return torch.zeros_like(nll), torch.zeros_like(n)
+        return nll, n
 
     def flush(self) -> dict | None:
         """Wait for the queued steps; account for them and return the record of the window."""
         if not self._pending:
             return None
-        vals = torch.stack([torch.stack([a.double(), b.double(), c.double()]) for a, b, c, _, _ in self._pending]).cpu()
+        vals = torch.stack([torch.stack([a.double(), b.double(), c.double()]) for a, b, c, _, _ in self._pending])
+        if self.dist.enabled:  # every rank's NLL and target counts: the global batch's
+            sums = self.dist.all_sum_(vals[:, :2].contiguous())
+            vals = torch.cat([sums, vals[:, 2:]], dim=1)
+        vals = vals.cpu()
         dt = time.perf_counter() - self._window_start
         k = len(self._pending)
         n_targets = int(vals[:, 1].sum())
@@ -389,7 +449,8 @@ class MoleculeTrainer:
     def evaluate(self) -> dict:
         t0 = time.monotonic()
         res = evaluate_set(self.model, self.valid, device=self.device,
-                           batch_size=self.cfg.eval_batch_size or self.cfg.batch_size, pad_id=self.pad_id)
+                           batch_size=self.cfg.eval_batch_size or self.cfg.batch_size, pad_id=self.pad_id,
+                           dist=self.dist)
         self._eval_seconds = time.monotonic() - t0
         rec = {"kind": "eval", "step": self.p.step, "epoch": round(self.p.step / self.steps_per_epoch, 4), **res,
                "eval_seconds": round(self._eval_seconds, 3)}
@@ -398,13 +459,15 @@ class MoleculeTrainer:
         if rec["improved"]:
             self.p.best = {k: rec[k] for k in ("step", "epoch", "val_loss", "val_ppl")}
             self.p.evals_since_best = 0
-            self._save_best(rec)
+            if self.dist.is_main:
+                self._save_best(rec)
         else:
             self.p.evals_since_best += 1
         self.last_eval = rec
-        self.metrics.append(rec)
+        if self.dist.is_main:
+            self.metrics.append(rec)
         self.cb.on_eval(self, rec)
-        if self.plot:
+        if self.plot and self.dist.is_main:
             self.plot_curves()
         return rec
 
@@ -419,7 +482,8 @@ class MoleculeTrainer:
         need = step_time * 1.5 + self._save_seconds + 1.0
         if (self.p.step + 1) % self.eval_every == 0:
             need += self._eval_seconds
-        return time.monotonic() + need > stop.started + 60.0 * stop.max_minutes
+        late = time.monotonic() + need > stop.started + 60.0 * stop.max_minutes
+        return bool(self.dist.broadcast(late))  # rank 0's clock decides for every rank
 
     def fit(self, stop: StopRule | None = None) -> MolTrainOutcome:
         """Train to the last epoch, early stop, or ``stop``; always leaves a checkpoint behind."""
@@ -447,7 +511,7 @@ class MoleculeTrainer:
                 if not math.isfinite(rec["loss"]):
                     raise SeqssmError(f"training diverged by step {self.p.step} (loss {rec['loss']}); lower --lr and "
                                       "resume from the last checkpoint or start over with --force")
-                if self.p.step % max(self.cfg.log_every, 1) < rec["steps"] or self.p.step == 1:
+                if (self.p.step % max(self.cfg.log_every, 1) < rec["steps"] or self.p.step == 1) and self.dist.is_main:
                     self.metrics.append(rec)
                 self.cb.on_step(self, rec)
             if self.p.step % self.eval_every == 0 or at_end:
@@ -457,7 +521,7 @@ class MoleculeTrainer:
             if (self.p.step % self.save_every == 0 and not at_end) or self.p.stopped_early:
                 self.save()
         rec = self.flush()  # steps queued since the last window (a stop between two syncs)
-        if rec is not None:
+        if rec is not None and self.dist.is_main:
             self.metrics.append(rec)
         finished = self.p.step >= self.max_steps or self.p.stopped_early
         if finished:
@@ -465,7 +529,7 @@ class MoleculeTrainer:
                       f"{self.cfg.patience} evaluations" if self.p.stopped_early else "finished")
             if self.p.best is None:
                 self.evaluate()
-        if self.last_checkpoint is None or read_checkpoint_state(self.last_checkpoint)["step"] != self.p.step:
+        if self._checkpoint_step != self.p.step:
             self.save()
         return MolTrainOutcome(self.p.step, self.epoch, finished, reason, self.p.best, self.last_eval,
                                self.last_checkpoint)
