@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--probe-half", action="store_true", help="error and time of float16 transforms")
     ap.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of lean bf16 at --length")
+    ap.add_argument("--profile-batch", type=int, default=1, help="batch of the profiled input (32 with --length 32768)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     model = build().to(dev)
@@ -214,7 +215,7 @@ def main() -> None:
     if args.probe_half:
         probe_half_fft(model, args.length)
     if args.profile:
-        x = torch.randint(7, 11, (1, args.length), device=dev)
+        x = torch.randint(7, 11, (args.profile_batch, args.length), device=dev)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
             model(x)
             torch.cuda.synchronize()

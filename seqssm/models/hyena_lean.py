@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqssm.ops.fftconv import fft_length, fftconv_gated_
+from seqssm.ops.fftconv import fft_length, fftconv_gated_, group_shape
 from seqssm.ops.hyena_fused import hyena_filter_into, layer_norm_to, short_conv_gate
 
 
@@ -67,7 +67,7 @@ class LeanHyenaInference:
             vbuf = torch.empty(B, d, n, device=device, dtype=wide)
             vbuf[..., L:].zero_()
             # Filter rows of one channel group, zero past L likewise (reused by every layer).
-            chans = min(max(1, rows // B), d)
+            chans = min(group_shape(B, d, rows)[0], d)
             kbuf = torch.zeros(chans, n, device=device, dtype=wide)
             for i, layer in enumerate(backbone.layers):
                 mixer = layer.mixer

@@ -86,6 +86,18 @@ def fft_length(L: int) -> int:
     return min(best, three) if three >= need else best
 
 
+def group_shape(B: int, H: int, rows_per_group: int) -> tuple[int, int]:
+    """(channels, batch rows) per transform group of fftconv_gated_.
+
+    Whole channel ranges of a few batch rows when a group holds all H channels: the group is then a
+    contiguous slice of the [B, H, n] buffer, so the transform reads it in place (no gathering copy).
+    Otherwise one batch row and `rows_per_group` channels (long inputs, where one row is megabytes).
+    """
+    if rows_per_group >= H:
+        return H, max(1, min(B, rows_per_group // H))
+    return max(1, rows_per_group), 1
+
+
 def fftconv_gated_(
     v: torch.Tensor,
     D: torch.Tensor,
@@ -101,7 +113,8 @@ def fftconv_gated_(
     v: float32 (or float64) [B, H, L], or [B, H, n] already zero past L (then no padded copy is made).
     spectrum(c0, c1) -> complex [c1 - c0, n // 2 + 1]: rfft(k[c0:c1], n) / n. It is called once
     per channel group (all batch rows of a group share it), so an uncached filter is transformed
-    once per call, not once per batch row. Scratch is about 16 n bytes per row of a group.
+    once per call, not once per batch row. Groups: see group_shape; scratch is about 16 n bytes
+    per row of a group.
     """
     from seqssm.ops.hyena_fused import fft_epilogue
 
@@ -111,8 +124,7 @@ def fftconv_gated_(
     if D.shape != (H,) or v.shape[:2] != (B, H) or v.shape[-1] not in (L, n):
         raise ValueError(f"fftconv_gated_: shapes v {tuple(v.shape)}, gate {tuple(gate.shape)}, D {tuple(D.shape)}")
     padded = v.shape[-1] == n and n != L
-    chans = max(1, rows_per_group // B)
-    bstep = max(1, min(B, rows_per_group))
+    chans, bstep = group_shape(B, H, rows_per_group)
     with torch.autocast(device_type=v.device.type, enabled=False):
         for c0 in range(0, H, chans):
             c1 = min(c0 + chans, H)
@@ -121,7 +133,8 @@ def fftconv_gated_(
                 b1 = min(b0 + bstep, B)
                 x = v[b0:b1, c0:c1]
                 X = torch.fft.rfft(x) if padded else torch.fft.rfft(x, n=n)
-                X *= k_f
+                for Xb in X:  # same-shape products: the vectorised kernel, not a broadcasting one
+                    Xb *= k_f
                 y = torch.fft.irfft(X, n=n, norm="forward")
                 del X
                 fft_epilogue(y, x[..., :L], gate[b0:b1, c0:c1], D[c0:c1])
