@@ -142,9 +142,6 @@ class Mamba(nn.Module):
         if flip_channels:
             w_in, w_out = w_in.flip(1), w_out.flip(0)
             b_out = None if b_out is None else b_out.flip(0)
-        groups = self._lean_groups(batch, L, hidden_states)
-        if state is None and not return_state and groups > 1:
-            return self._forward_grouped(hidden_states, w_in, w_out, b_out, groups)
         # in_proj as mamba-ssm computes it: weight @ hidden^T, giving [B, 2 d_inner, L] with length
         # the fastest axis (the layout the conv and scan kernels want).
         xz = (w_in @ hidden_states.reshape(batch * L, -1).t()).view(-1, batch, L).transpose(0, 1)
@@ -179,73 +176,6 @@ class Mamba(nn.Module):
         return out, (new_conv, last)
 
     # -- one position
-    # Inference on long inputs: the fused path holds xz [B, 2 d_inner, L], the convolution output,
-    # dt and the scan's outputs at once (about 6 GiB per mixer call for a million tokens of a
-    # d_inner 512 model). Above this many bytes of one [B, d_inner, L] activation the mixer runs
-    # in channel groups instead (see _forward_grouped); None switches that off.
-    lean_bytes: int | None = 1 << 29
-    lean_chunk_tokens: int = 1 << 18  # batch x positions per chunk of the x_proj pass
-
-    def _lean_groups(self, batch: int, L: int, x: torch.Tensor) -> int:
-        if self.lean_bytes is None or torch.is_grad_enabled():
-            return 1
-        size = batch * L * self.d_inner * x.element_size()
-        return max(1, min(-(-size // self.lean_bytes), self.d_inner // 64))
-
-    def _forward_grouped(self, hidden_states, w_in, w_out, b_out, groups: int) -> torch.Tensor:
-        """forward() without autograd in bounded memory; the same function, other summation order.
-
-        Every channel of the convolution output feeds x_proj (dt, B, C), so those come first, from
-        sequence chunks (each chunk recomputes the W-1 inputs of left context it needs). Then each
-        channel group gets its own projection, convolution, dt, scan and gate, and its share of
-        out_proj is accumulated: no tensor spans all d_inner channels of the whole sequence.
-        """
-        batch, L, d = hidden_states.shape
-        di, W = self.d_inner, self.d_conv
-        h2 = hidden_states.reshape(batch * L, d)
-        conv_w, conv_b = self._conv_weight(), self.conv1d.bias
-        b_in = self.in_proj.bias
-        A = -torch.exp(self.A_log.float())
-
-        def proj(c0: int, c1: int, h: torch.Tensor, n: int) -> torch.Tensor:
-            """Rows c0:c1 of in_proj, laid out [B, channels, n] as forward() lays out xz."""
-            out = (w_in[c0:c1] @ h.t()).view(-1, batch, n).transpose(0, 1)
-            return out if b_in is None else out + b_in[c0:c1].to(out.dtype)[:, None]
-
-        step = max(1, self.lean_chunk_tokens // batch)
-        x_dbl = []
-        for s0 in range(0, L, step):
-            s1 = min(s0 + step, L)
-            lo = max(s0 - (W - 1), 0)
-            x = proj(0, di, hidden_states[:, lo:s1].reshape(-1, d), s1 - lo)
-            x = causal_conv1d(x, conv_w, conv_b, activation="silu", backend=self.backend)[..., s0 - lo:]
-            x_dbl.append(self.x_proj(x.transpose(1, 2)))  # [B, chunk, dt_rank + 2 d_state]
-        x_dbl = torch.cat(x_dbl, dim=1)
-        dt_low, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt_low = dt_low.reshape(batch * L, -1)
-        Bm = Bm.transpose(1, 2).contiguous()
-        Cm = Cm.transpose(1, 2).contiguous()
-        del x_dbl
-
-        y = None
-        size = -(-di // groups)
-        for c0 in range(0, di, size):
-            c1 = min(c0 + size, di)
-            x = causal_conv1d(proj(c0, c1, h2, L), conv_w[c0:c1], None if conv_b is None else conv_b[c0:c1],
-                              activation="silu", backend=self.backend)
-            dt = (self.dt_proj.weight[c0:c1] @ dt_low.t()).view(-1, batch, L).transpose(0, 1)
-            z = proj(di + c0, di + c1, h2, L)
-            out = selective_scan(x, dt, A[c0:c1], Bm, Cm, self.D[c0:c1].float(), z=z,
-                                 delta_bias=self.dt_proj.bias[c0:c1].float(), delta_softplus=True,
-                                 backend=self.backend)
-            del x, dt, z
-            part = out.transpose(1, 2).reshape(batch * L, -1) @ w_out[:, c0:c1].t()
-            del out
-            y = part.to(torch.promote_types(part.dtype, torch.float32)) if y is None else y.add_(part)
-        if b_out is not None:
-            y += b_out.to(y.dtype)
-        return y.to(part.dtype).view(batch, L, -1)
-
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One position: hidden_states [B, 1, d_model] or [B, d_model] -> out of the same shape.
 
