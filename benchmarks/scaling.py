@@ -55,6 +55,22 @@ def _save_hyena(model, path: Path) -> None:
     save_model(model, path, tokenizer=DNATokenizer(model_max_length=model.config.max_seq_len))
 
 
+def _caduceus(d_model: int, n_layer: int, seq_len: int):
+    """Caduceus-PS (no dropout anywhere); the window length is the tokenizer's, see _save_caduceus."""
+    from seqssm.models.caduceus import CaduceusConfig, CaduceusForMaskedLM
+
+    model = CaduceusForMaskedLM(CaduceusConfig.dna(d_model, n_layer, rcps=True))
+    model.seq_len = seq_len
+    return model
+
+
+def _save_caduceus(model, path: Path) -> None:
+    from seqssm.models import save_model
+    from seqssm.tokenizers.dna import DNATokenizer
+
+    save_model(model, path, tokenizer=DNATokenizer(model_max_length=getattr(model, "seq_len", 1024)))
+
+
 @dataclass(frozen=True)
 class Family:
     """A pretrainable family: ``build(d_model, n_layer, seq_len)`` -> a dropout-free model, ``save(model,
@@ -67,6 +83,7 @@ class Family:
 
 FAMILIES = {
     "hyena": Family(_hyena, _save_hyena),
+    "caduceus": Family(_caduceus, _save_caduceus, ("--arch", "caduceus")),  # masked-LM objective
 }
 
 

@@ -22,13 +22,34 @@ def embed(
         help="Output: a Parquet file (--pool mean) or a directory (--pool none). "
         "Default: <fasta name>.embeddings.parquet / <fasta name>.tokens",
     ),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Bundled model name, seqssm model directory or HuggingFace-format directory."),
-    window: Optional[int] = typer.Option(None, "--window", "-w", help="Window length in bp. Default: the model's maximum length."),
-    stride: Optional[int] = typer.Option(None, "--stride", "-s", help="Step between window starts. Default: the window (no overlap)."),
+    model: str = typer.Option(
+        DEFAULT_MODEL, "--model", "-m",
+        help="Bundled model name, seqssm model directory or HuggingFace-format directory (HyenaDNA, Caduceus).",
+    ),
+    window: Optional[int] = typer.Option(
+        None, "--window", "-w",
+        help="Window length in bp. Default: the model's maximum length (Caduceus: its training window; longer is allowed).",
+    ),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", "-s",
+        help="Step between window starts. Default: the window (no overlap). A smaller stride overlaps the windows, so "
+        "every base has one window where it is far from the edges (bidirectional models lack context on both sides "
+        "at the edges, causal ones on the left); every window is written as it is.",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Windows per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N."),
     pool: str = typer.Option("mean", "--pool", help="mean: one vector per window (Parquet). none: per-token float16 arrays (.npy + index)."),
-    rc_average: bool = typer.Option(False, "--rc-average", help="Average forward and reverse-complement passes, aligned to forward coordinates."),
+    rc_average: bool = typer.Option(
+        False, "--rc-average",
+        help="Average forward and reverse-complement passes, aligned to forward coordinates (Caduceus-PS: strand-"
+        "invariant already, so a no-op).",
+    ),
+    stream: bool = typer.Option(
+        False, "--stream",
+        help="Causal Mamba models only: walk each record window after window carrying the model state, so every "
+        "window is embedded with all of its record's bases to its left, in constant memory. Bidirectional models "
+        "(Caduceus) cannot: use overlapping windows (--stride < --window).",
+    ),
     regions: Optional[Path] = typer.Option(None, "--regions", help="BED file: embed only these intervals (minus-strand ones reverse-complemented). Needs an indexable FASTA."),
     max_n_frac: float = typer.Option(0.5, "--max-n-frac", help="Skip windows with a larger fraction of N (reported in the summary)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same command."),
@@ -37,12 +58,15 @@ def embed(
 ) -> None:
     """Embed every window of a genome (or the regions of a BED file) with a DNA model.
 
-    Coordinates in the output are 0-based and half-open, like BED.
+    Coordinates in the output are 0-based and half-open, like BED. Each window is embedded on its
+    own unless --stream; with overlapping windows (--stride < --window) the pooled output has one
+    row per window and the per-token output every window's rows (a base covered by k windows
+    appears k times).
     """
     opts = EmbedOptions(
         fasta=fasta, output=output, model=model, window=window, stride=stride, batch_size=batch_size,
         device=device, pool=pool, rc_average=rc_average, regions=regions, max_n_frac=max_n_frac,
-        resume=resume, force=force, quiet=quiet,
+        stream=stream, resume=resume, force=force, quiet=quiet,
     )
     s = run_guarded(run_embed, opts)
     if quiet or not is_main_process():
@@ -56,3 +80,5 @@ def embed(
         t.add_row("resumed after", f"{s.resumed_from:,} windows")
     t.add_row("throughput", f"{si(s.bases, 'bp')} in {s.seconds:.1f} s = {si(s.bases_per_s, 'bp')}/s")
     stderr.print(t)
+    for note in s.extra.get("notes", []):
+        stderr.print(f"note: {note}", highlight=False, soft_wrap=True)

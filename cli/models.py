@@ -15,6 +15,14 @@ app.add_typer(models_app, name="models")
 console = Console()
 
 
+def _heldout_summary(info: dict) -> str:
+    """The held-out score of models list: next-base perplexity, or masked accuracy + perplexity (MLM)."""
+    heldout = info.get("heldout") or {}
+    if "masked_accuracy" in heldout:
+        return f"masked acc {heldout['masked_accuracy']:.4f}, ppl {heldout['perplexity']:.4f}"
+    return f"{heldout['perplexity']:.4f}" if "perplexity" in heldout else "-"
+
+
 def _describe(loaded) -> dict:
     from seqssm.models import count_parameters
 
@@ -22,18 +30,33 @@ def _describe(loaded) -> dict:
     data = info.get("training_data") or {}
     if isinstance(data, dict):
         data = data.get("description") or ", ".join(f"{k}: {v}" for k, v in data.items())
-    heldout = info.get("heldout") or {}
-    cfg = loaded.config
-    return {
+    d = {
         "name": loaded.name,
-        "architecture": f"HyenaDNA (d_model {cfg.d_model}, {cfg.n_layer} layers, order {cfg.hyena_order})",
+        "architecture": loaded.architecture,
         "parameters": count_parameters(loaded.model),
-        "max length": cfg.max_seq_len,
+        "max length": loaded.max_length,
         "training data": str(data or "-"),
         "held-out": (info.get("training_data") or {}).get("held_out", "-") if isinstance(info.get("training_data"), dict) else "-",
-        "held-out perplexity": f"{heldout['perplexity']:.4f}" if "perplexity" in heldout else "-",
+        "held-out perplexity": _heldout_summary(info),
         "source": str(info.get("source", "-")),
     }
+    if loaded.model_type == "caduceus":
+        heldout = info.get("heldout") or {}
+        if "masked_accuracy" in heldout:
+            source = d.pop("source")
+            d["held-out perplexity"] = f"{heldout['perplexity']:.4f} (masked positions)"
+            d["held-out masked accuracy"] = f"{heldout['masked_accuracy']:.4f} ({heldout.get('targets', 0):,} masked A/C/G/T)"
+            d["source"] = source
+        d["max length"] = f"{loaded.max_length:,} (training window; no positional limit)"
+        d["strands"] = ("RC-equivariant: embeddings of both strands agree by construction" if loaded.strand_invariant
+                        else "not RC-equivariant (--rc-average conjoins both strands)")
+        d["embed --stream"] = ("yes: causal, carries its state across windows" if loaded.can_stream else
+                               "no: bidirectional; use overlapping windows (--stride < --window)")
+        if loaded.n_as_pad:
+            d["N bases"] = "fed as [PAD], as in the published models' pretraining"
+        if not info.get("training") and info.get("format") == "hf":
+            d["training record"] = "none: a HuggingFace-format directory (no training.json)"
+    return d
 
 
 def _describe_chem(name: str) -> dict:
@@ -71,11 +94,19 @@ def list_models() -> None:
     from seqssm.models import bundled_models, load_model
 
     t = Table(title="bundled models")
-    for col in ("name", "architecture", "parameters", "max length", "held-out perplexity"):
-        t.add_column(col, justify="right" if col in ("parameters", "max length", "held-out perplexity") else "left")
+    for col in ("name", "architecture", "parameters", "max length", "held-out"):
+        t.add_column(col, justify="right" if col in ("parameters", "max length", "held-out") else "left")
     for name in bundled_models():
-        d = _describe_chem(name) if _is_chem(name) else _describe(run_guarded(load_model, name))
-        t.add_row(d["name"], d["architecture"], f"{d['parameters']:,}", str(d["max length"]), d["held-out perplexity"])
+        if _is_chem(name):
+            d = _describe_chem(name)
+            t.add_row(d["name"], d["architecture"], f"{d['parameters']:,}", str(d["max length"]),
+                      f"ppl {d['held-out perplexity']}" if d["held-out perplexity"] != "-" else "-")
+            continue
+        loaded = run_guarded(load_model, name)
+        d = _describe(loaded)
+        held = _heldout_summary(loaded.info or {})
+        t.add_row(d["name"], d["architecture"], f"{d['parameters']:,}", f"{loaded.max_length:,}",
+                  held if held == "-" or held.startswith("masked") else f"ppl {held}")
     console.print(t)
 
 
@@ -108,6 +139,12 @@ def info(name: str = typer.Argument(..., help="Bundled name, or a model director
     if training:
         t.add_row("training", f"{training.get('steps', '?'):,} steps, {training.get('tokens_seen', 0):,} tokens, "
                   f"{training.get('precision', '')} on {training.get('device', '?')}")
+    baseline = extra.get("no_context_baseline") or {}
+    if "masked_accuracy" in baseline:
+        t.add_row("no-context reference", f"masked accuracy {baseline['masked_accuracy']:.4f}, perplexity "
+                  f"{baseline['perplexity']:.4f} (the token at the position alone)")
+    if heldout.get("definition"):
+        t.add_row("held-out definition", str(heldout["definition"]))
     if "date" in extra:
         t.add_row("date", str(extra["date"]))
     console.print(t)

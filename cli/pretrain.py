@@ -1,4 +1,4 @@
-"""`seqssm pretrain`: train a HyenaDNA next-base model on FASTA files, with a held-out split."""
+"""`seqssm pretrain`: train a DNA language model (HyenaDNA, Caduceus, Mamba) on FASTA files, with a held-out split."""
 
 from __future__ import annotations
 
@@ -18,17 +18,25 @@ def pretrain(
     fasta: Optional[List[Path]] = typer.Argument(
         None, help="Training FASTA file(s): plain, gzip or BGZF. With --resume they may be left out."),
     output: Path = typer.Option(..., "-o", "--output", help="Run directory: checkpoints, metrics, curves and the final model."),
-    d_model: Optional[int] = typer.Option(None, "--d-model", help="Model width. Default 256 (or the --init model's)."),
-    n_layer: Optional[int] = typer.Option(None, "--n-layer", help="Hyena blocks. Default 4."),
-    d_inner: Optional[int] = typer.Option(None, "--d-inner", help="MLP width. Default 4 x d_model."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length in bp (the model's maximum length). Default 1024."),
+    arch: Optional[str] = typer.Option(
+        None, "--arch", help="hyena (next-base objective; the default), caduceus (bidirectional Mamba, masked-LM "
+        "objective) or mamba (causal Mamba, next-base objective: can embed --stream). --init implies it."),
+    rcps: Optional[bool] = typer.Option(
+        None, "--rcps/--no-rcps", help="Caduceus: RC-equivariant Caduceus-PS (default), or a plain bidirectional "
+        "Caduceus (Caduceus-Ph), which is then trained with reverse-complement augmentation."),
+    d_model: Optional[int] = typer.Option(None, "--d-model", help="Model width. Default 256 (caduceus, mamba: 128; or the --init model's)."),
+    n_layer: Optional[int] = typer.Option(None, "--n-layer", help="Blocks (Hyena or Mamba). Default 4."),
+    d_inner: Optional[int] = typer.Option(None, "--d-inner", help="HyenaDNA MLP width. Default 4 x d_model."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length in bp (HyenaDNA: the model's maximum length). Default 1024."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Windows per micro-batch. Default 64."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step. Default 1."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW). Default 1e-3."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW). Default 1e-3 (caduceus, mamba: 8e-3)."),
     min_lr: Optional[float] = typer.Option(None, "--min-lr", help="Learning rate at the end of the cosine decay. Default 1e-4."),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps. Default 300."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps. Default 300 (caduceus, mamba: 10% of --max-steps)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps of the whole run. Default 10000."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay, matrices only. Default 0.1."),
+    weight_decay: Optional[float] = typer.Option(
+        None, "--weight-decay", help="AdamW weight decay (HyenaDNA: matrices only; Caduceus, Mamba: not on A_log, D, "
+        "biases, embeddings, norms). Default 0.1."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Gradient-norm clip (0: off). Default 1.0."),
     valid_region: Optional[List[str]] = typer.Option(
         None, "--valid-region",
@@ -49,24 +57,27 @@ def pretrain(
     init: Optional[str] = typer.Option(None, "--init", help="Start from an existing model: bundled name or model directory."),
     markov_baseline: bool = typer.Option(
         True, "--markov-baseline/--no-markov-baseline",
-        help="Fit the order-k Markov baseline (k=0..10) on the same split and record it in training.json."),
+        help="Fit the order-k Markov baseline (k=0..10) on the same split and record it in training.json "
+        "(next-base runs; masked-LM runs record a no-context base-frequency reference instead)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model for training (GPU)."),
     fsdp: bool = typer.Option(
         False, "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state across the "
         "processes (FSDP2) instead of replicating the model (DDP). For models that do not fit on one GPU."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, log lines or summary."),
 ) -> None:
-    """Pretrain a HyenaDNA model with the next-base objective on FASTA files.
+    """Pretrain a DNA language model on FASTA files: HyenaDNA or causal Mamba (next base), Caduceus (masked LM).
 
     Part of the data is held out (--valid-region / --valid-file; default: the last 5% of the
-    largest record). Perplexity is exp(mean NLL per predicted A/C/G/T base; N targets are
-    ignored). The final model is written to OUTPUT as a seqssm model directory.
+    largest record). Next-base perplexity is exp(mean NLL per predicted A/C/G/T base; N targets
+    are ignored). Caduceus: 15% of the positions are masked (80% [MASK], 10% random base, 10%
+    unchanged); held-out masked accuracy and perplexity over the masked A/C/G/T positions, with
+    fixed masks. The final model is written to OUTPUT as a seqssm model directory.
     Several GPUs: torchrun --nproc_per_node=N -m seqssm.cli pretrain ... (--batch-size is global).
     """
     from seqssm.pipelines.pretrain import PretrainOptions, run_pretrain
 
     opts = PretrainOptions(
-        fasta=list(fasta or []), output=output, d_model=d_model, n_layer=n_layer, d_inner=d_inner,
+        fasta=list(fasta or []), output=output, arch=arch, rcps=rcps, d_model=d_model, n_layer=n_layer, d_inner=d_inner,
         seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr,
         warmup_steps=warmup_steps, max_steps=max_steps, weight_decay=weight_decay, grad_clip=grad_clip,
         eval_every=eval_every, eval_max_windows=eval_max_windows, save_every=save_every, seed=seed,
@@ -82,10 +93,17 @@ def pretrain(
     t.add_row("status", "finished" if s.finished else f"stopped ({s.reason}); continue with --resume")
     t.add_row("steps", f"{s.step:,}/{s.max_steps:,}" + (f" (resumed at {s.resumed_from:,})" if s.resumed_from else ""))
     t.add_row("tokens seen", si(s.tokens_seen, "tokens"))
-    t.add_row("model", f"HyenaDNA, {s.parameters:,} parameters, on {s.device}")
+    t.add_row("model", f"{s.architecture or 'HyenaDNA'}, {s.parameters:,} parameters, on {s.device}")
     if s.split_rule:
         t.add_row("held-out split", s.split_rule)
-    if s.heldout:
+    if s.heldout and s.objective == "mlm":
+        t.add_row("held-out masked accuracy", f"{s.heldout['masked_accuracy']:.4f} "
+                  f"({s.heldout['targets']:,} masked A/C/G/T positions)")
+        t.add_row("held-out masked perplexity", f"{s.heldout['perplexity']:.4f}")
+        if s.baseline:
+            t.add_row("no-context reference", f"accuracy {s.baseline['masked_accuracy']:.4f}, "
+                      f"perplexity {s.baseline['perplexity']:.4f} (the token at the position alone)")
+    elif s.heldout:
         t.add_row("held-out perplexity", f"{s.heldout['perplexity']:.4f} (all A/C/G/T targets)")
         t.add_row("  on the shared set", f"{s.heldout['shared_perplexity']:.4f}")
     if s.markov:

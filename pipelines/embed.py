@@ -6,6 +6,23 @@ Output, per token (`pool="none"`): a directory with `embeddings.npy` (float16 [t
 load with `np.load(..., mmap_mode="r")`), `index.parquet` (the window columns plus `offset` and
 `length`: the window's rows in embeddings.npy) and `meta.json`.
 
+Models: anything `load_model` reads (HyenaDNA, Caduceus-PS/-Ph, causal Mamba; bundled, seqssm or
+HuggingFace directories), through `LoadedModel.embed` (bf16 autocast on GPU). Each window is
+embedded on its own, so positions near a window's edges see less context: a causal model (HyenaDNA,
+Mamba) lacks the bases left of the window, a bidirectional one (Caduceus) those on both sides.
+Overlapping windows (`stride < window`) give every position a window where it sits far from the
+edges; the output keeps every window as it is (pooled: one row per window, the mean over all its
+positions; per token: each window's rows, so a position covered by k windows appears k times).
+
+`stream=True` (causal Mamba models only, `LoadedModel.can_stream`): consecutive windows of each
+record (stride = window) are embedded one after the other with the model's recurrent state carried
+across them (`LoadedModel.embed_stream`), so every window's embeddings are those of one pass over
+the whole record prefix: exact full left context in constant memory. Batch size 1 (one record at
+a time); the N filter only decides which windows are written (every window advances the state).
+The state after the last committed chunk is saved with it (`stream-NNNNNN.safetensors`: per layer
+the conv and SSM states), so `resume=True` continues exactly. One process only (refused under
+torchrun), whole records only (no `regions`), no `rc_average`.
+
 Work goes in chunks of whole batches, committed to `<output>.partial/` one at a time; `resume=True`
 continues after the last committed chunk (see pipelines/output.py).
 
@@ -55,6 +72,7 @@ class EmbedOptions:
     rc_average: bool = False
     regions: Path | None = None
     max_n_frac: float = 0.5
+    stream: bool = False  # causal models: carry the state along each record (see the module docstring)
     resume: bool = False
     force: bool = False
     quiet: bool = False
@@ -147,26 +165,101 @@ def plan_items(fasta: FastaFile, opts: EmbedOptions, window: int, stride: int) -
 
 
 class Embedder:
-    """Runs the backbone on batches of equal-length windows; optional reverse-complement averaging."""
+    """Runs the model (LoadedModel.embed) on batches of equal-length windows; optional RC averaging:
+    HyenaDNA and Caduceus-Ph average with the position-reversed pass over the reverse complement,
+    Caduceus-PS is strand-invariant already (a no-op)."""
 
-    def __init__(self, model, device: torch.device, rc_average: bool):
-        self.backbone = model.backbone.to(device).eval()
+    def __init__(self, loaded, device: torch.device, rc_average: bool):
+        self.loaded = loaded
+        loaded.model.to(device).eval()
         self.device = device
         self.rc_average = rc_average
-        # bf16 on GPU: the long convolution itself stays in float32 inside the model.
+        # bf16 on GPU: HyenaDNA's long convolution and Mamba's scan state stay in float32 inside the model.
         self.autocast = device.type == "cuda"
 
     @torch.inference_mode()
     def __call__(self, ids: np.ndarray) -> torch.Tensor:
-        """ids uint8 [B, L] -> float32 hidden states [B, L, D] on the device, forward-aligned."""
+        """ids uint8 [B, L] -> float32 embeddings [B, L, D] on the device, forward-aligned."""
         x = torch.from_numpy(ids.astype(np.int64)).to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            h = self.backbone(x).float()
-            if self.rc_average:
-                h_rc = self.backbone(reverse_complement(x)).float()
-                # Position i of the reverse complement is position L-1-i of the forward strand.
-                h = 0.5 * (h + h_rc.flip(1))
-        return h
+            return self.loaded.embed(x, rc_average=self.rc_average).float()
+
+
+class StreamWalker:
+    """Embeds the consecutive windows of each record with a causal model, carrying its recurrent state
+    from one window to the next (embed --stream). A record's first window (start 0) starts afresh;
+    any other window must continue exactly where the previous one ended."""
+
+    def __init__(self, loaded, device: torch.device):
+        self.loaded = loaded
+        loaded.model.to(device).eval()
+        self.device = device
+        self.autocast = device.type == "cuda"
+        self.state = None
+        self.chrom: str | None = None
+        self.position = 0
+
+    @torch.inference_mode()
+    def __call__(self, it: Item) -> torch.Tensor:
+        """float32 embeddings [L, D] of one window, given every base of its record before it."""
+        if it.start == 0:
+            self.state = None
+        elif (it.chrom, it.start) != (self.chrom, self.position):
+            raise RuntimeError(f"stream: window {it.chrom}:{it.start} does not continue {self.chrom}:{self.position}")
+        x = torch.from_numpy(it.ids.astype(np.int64))[None].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            h, self.state = self.loaded.embed_stream(x, self.state)
+        self.chrom, self.position = it.chrom, it.end
+        return h[0].float()
+
+    def save(self, path: Path) -> dict:
+        """Write the state (per layer: conv and SSM states) to ``path``; what resume needs to find it."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for i, (conv, ssm) in enumerate(self.state.layers if self.state is not None else []):
+            tensors[f"layers.{i}.conv"] = conv.detach().cpu().contiguous()
+            tensors[f"layers.{i}.ssm"] = ssm.detach().cpu().contiguous()
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+        return {"file": path.name, "chrom": self.chrom, "position": self.position,
+                "layers": len(tensors) // 2}
+
+    def restore(self, part: Path, saved: dict) -> None:
+        from safetensors.torch import load_file
+
+        from seqssm.models.caduceus import CaduceusStreamState
+
+        tensors = load_file(str(part / saved["file"]))
+        layers = [(tensors[f"layers.{i}.conv"].to(self.device), tensors[f"layers.{i}.ssm"].to(self.device))
+                  for i in range(int(saved["layers"]))]
+        self.state = CaduceusStreamState(layers, int(saved["position"])) if layers else None
+        self.chrom, self.position = saved["chrom"], int(saved["position"])
+
+
+def check_stream(opts: "EmbedOptions", loaded, window: int, dist) -> None:
+    """--stream needs a causal model, whole records, consecutive windows and one process."""
+    if not loaded.can_stream:
+        if loaded.model_type == "caduceus":
+            raise SeqssmError(
+                f"--stream: model {loaded.name} is bidirectional ({loaded.architecture.split(' (')[0]}): a "
+                "position's embedding depends on the bases to its right, so no state can be carried from window to "
+                "window; use overlapping windows instead (--stride smaller than --window)")
+        raise SeqssmError(f"--stream: model {loaded.name} is HyenaDNA, which has no recurrent mode here; --stream needs "
+                          "a causal Mamba model (seqssm pretrain --arch mamba); use overlapping windows instead "
+                          "(--stride smaller than --window)")
+    if opts.regions is not None:
+        raise SeqssmError("--stream walks whole records from their first base; it cannot be combined with --regions")
+    if opts.rc_average:
+        raise SeqssmError("--stream carries the left context along the forward strand; --rc-average would need each "
+                          "base's right context too: drop one of them")
+    if opts.stride is not None and opts.stride != window:
+        raise SeqssmError(f"--stream: windows are consecutive (the state passes from one to the next), so --stride "
+                          f"must equal --window ({window}); leave --stride out")
+    if dist.enabled:
+        raise SeqssmError("--stream runs in one process (the state passes window to window along each record); "
+                          "start it without torchrun")
 
 
 def _batches(items: list[Item], batch_size: int) -> Iterator[list[int]]:
@@ -206,30 +299,35 @@ class _Job:
     params: dict
     device: torch.device
     model_name: str
-    embedder: "Embedder"
+    embedder: "Embedder | StreamWalker"
     dim: int
     meta: dict
     schema: pa.Schema
     chunk_items: int
+    notes: list = field(default_factory=list)  # shown by the CLI under its summary
 
 
 def _plan(opts: EmbedOptions, dist) -> _Job:
     device = dist.device
     fasta = FastaFile(opts.fasta)
     loaded = load_model(opts.model, device="cpu")
-    max_len = int(loaded.config.max_seq_len)
+    max_len = int(loaded.max_length)
     window = opts.window or max_len
     stride = opts.stride or window
     if window < 1 or stride < 1:
         raise SeqssmError("--window and --stride must be positive")
-    if window > max_len:
+    # HyenaDNA's filters end at max_len; Caduceus / Mamba have no positional limit (max_len is the
+    # training window, the default here).
+    if window > max_len and loaded.model_type != "caduceus":
         raise SeqssmError(f"--window {window} is longer than model {loaded.name}'s maximum length {max_len}")
     if stride > window:
         raise SeqssmError(f"--stride {stride} is larger than --window {window}: bases between windows would be skipped")
+    if opts.stream:
+        check_stream(opts, loaded, window, dist)
 
     output = Path(opts.output) if opts.output else default_output(opts)
     items, n_items, total_bases = plan_items(fasta, opts, window, stride)
-    dim = int(loaded.config.d_model)
+    dim = int(loaded.dim)
     params = {
         "fasta": str(Path(opts.fasta).resolve()),
         "fasta_size": Path(opts.fasta).stat().st_size,
@@ -241,6 +339,8 @@ def _plan(opts: EmbedOptions, dist) -> _Job:
         "rc_average": opts.rc_average,
         "max_n_frac": opts.max_n_frac,
     }
+    if opts.stream:
+        params["stream"] = True
     meta = {
         "seqssm_version": __version__,
         "model": loaded.name,
@@ -251,7 +351,12 @@ def _plan(opts: EmbedOptions, dist) -> _Job:
         "rc_average": opts.rc_average,
         "coordinates": "0-based, half-open",
         "dim": dim,
+        "architecture": loaded.architecture,
     }
+    if loaded.strand_invariant:
+        meta["strand_invariant"] = True  # Caduceus-PS: both strands embed alike by construction
+    if opts.stream:
+        meta["stream"] = "each window embedded with the model state after all bases of its record before it"
     coord_fields = [
         pa.field("chrom", pa.string()),
         pa.field("start", pa.int64()),
@@ -265,14 +370,22 @@ def _plan(opts: EmbedOptions, dist) -> _Job:
     else:
         schema = pa.schema(coord_fields + [pa.field("offset", pa.int64()), pa.field("length", pa.int32())],
                            metadata={"seqssm": json.dumps(meta)})
-    return _Job(output, items, n_items, total_bases, params, device, loaded.name, Embedder(loaded.model, device,
-                opts.rc_average), dim, meta, schema, max(opts.batch_size * 4, 64))
+    embedder = StreamWalker(loaded, device) if opts.stream else Embedder(loaded, device, opts.rc_average)
+    job = _Job(output, items, n_items, total_bases, params, device, loaded.name, embedder, dim, meta, schema,
+               max(opts.batch_size * 4, 64))
+    if opts.rc_average and loaded.strand_invariant:
+        job.notes.append(f"{loaded.name} is Caduceus-PS: its embeddings are strand-invariant by construction, so "
+                         "--rc-average changes nothing but the strand column ('.')")
+    return job
 
 
 def _chunk_table(chunk: list[Item], job: _Job, opts: EmbedOptions, tokens) -> tuple[pa.Table, list[Item]]:
     """Embed one chunk: its table (the windows kept after the N filter) and those windows."""
     keep = [it for it in chunk if it.n_frac <= opts.max_n_frac]
-    rows = _embed_chunk(keep, job.embedder, opts, tokens, job.dim)
+    if isinstance(job.embedder, StreamWalker):
+        rows = _embed_stream_chunk(chunk, job.embedder, opts, tokens, job.dim)
+    else:
+        rows = _embed_chunk(keep, job.embedder, opts, tokens, job.dim)
     table = pa.Table.from_pydict(
         {
             "chrom": [it.chrom for it in keep],
@@ -293,7 +406,11 @@ def _run_single(job: _Job, opts: EmbedOptions) -> EmbedSummary:
     part, state = out.prepare(output, job.params, resume=opts.resume, force=opts.force)
     summary = EmbedSummary(output=output, device=str(job.device), model=job.model_name, dim=dim)
     summary.resumed_from = state["items_done"]
+    summary.extra["notes"] = list(job.notes)
     tokens = out.TokenArrayWriter(part, dim, state["tokens"]) if opts.pool == "none" else None
+    walker = job.embedder if isinstance(job.embedder, StreamWalker) else None
+    if walker is not None and state.get("stream"):
+        walker.restore(part, state["stream"])  # the state after the last committed window
 
     progress = BasesProgress(job.total_bases, description=f"embed {Path(opts.fasta).name}", quiet=opts.quiet)
     t0 = time.perf_counter()
@@ -316,12 +433,20 @@ def _run_single(job: _Job, opts: EmbedOptions) -> EmbedSummary:
                 state["rows"] += len(keep)
                 state["skipped"] += len(chunk) - len(keep)
                 state["tokens"] = tokens.rows if tokens is not None else 0
+                old_stream = (state.get("stream") or {}).get("file")
+                if walker is not None:  # saved before the commit that points at it
+                    state["stream"] = walker.save(part / f"stream-{len(state['parts']):06d}.safetensors")
+                    state["extra_files"] = [state["stream"]["file"]]
                 out.commit(part, state)
+                if old_stream and old_stream != (state.get("stream") or {}).get("file"):
+                    (part / old_stream).unlink(missing_ok=True)
                 n = sum(it.end - it.start for it in chunk)
                 bases_done += n
                 progress.advance(n)
         if state["items_done"] != n_items:
             raise RuntimeError(f"embedded {state['items_done']} windows, planned {n_items}")
+        for name in state.get("extra_files", []):  # the stream state: not part of the output
+            (part / name).unlink(missing_ok=True)
         if opts.pool == "mean":
             out.finish_parquet(part, output, schema, state)
         else:
@@ -364,6 +489,7 @@ def _run_sharded(job: _Job, opts: EmbedOptions, dist) -> EmbedSummary:
 
     part, state = dist.agree(open_shard)
     summary = EmbedSummary(output=output, device=f"{W} x {job.device.type}", model=job.model_name, dim=job.dim)
+    summary.extra["notes"] = list(job.notes)
     if part is not None:
         state.update(run_id=run_id, bases_this_run=0, items_this_run=0)
         summary.resumed_from = state["items_done"]
@@ -463,6 +589,25 @@ def _embed_chunk(keep: list[Item], embedder: Embedder, opts: EmbedOptions, token
     for i, arr in enumerate(per_item):
         offsets[i] = tokens.append(arr)
     return {"offset": offsets, "length": lengths}
+
+
+def _embed_stream_chunk(chunk: list[Item], walker: StreamWalker, opts: EmbedOptions, tokens, dim: int) -> dict:
+    """Stream mode: every window of the chunk goes through the model in order (the state must pass
+    through all of them); the rows are those of the windows the N filter keeps."""
+    pooled, offsets, lengths = [], [], []
+    for it in chunk:
+        h = walker(it)
+        if it.n_frac > opts.max_n_frac:
+            continue
+        if opts.pool == "mean":
+            pooled.append(h.mean(dim=0).cpu().numpy())
+        else:
+            offsets.append(tokens.append(h.to(torch.float16).cpu().numpy()))
+            lengths.append(len(it.ids))
+    if opts.pool == "mean":
+        emb = np.stack(pooled).astype(np.float32) if pooled else np.zeros((0, dim), np.float32)
+        return {"embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim)}
+    return {"offset": np.array(offsets, np.int64), "length": np.array(lengths, np.int32)}
 
 
 def _finish_tokens(part: Path, output: Path, schema, state: dict, tokens, meta: dict, force: bool) -> None:

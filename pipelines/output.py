@@ -56,7 +56,7 @@ def prepare(output: Path, params: dict, *, resume: bool, force: bool) -> tuple[P
                     f"({', '.join(changed)}); use --force to start over"
                 )
             # Drop anything written after the last commit (a part the job died while writing).
-            keep = set(state["parts"]) | {STATE}
+            keep = set(state["parts"]) | {STATE} | set(state.get("extra_files", []))
             for p in part.iterdir():
                 if p.name not in keep and not p.name.startswith("embeddings"):
                     p.unlink() if p.is_file() else shutil.rmtree(p)

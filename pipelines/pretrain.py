@@ -1,4 +1,13 @@
-"""`seqssm pretrain`: FASTA -> held-out split -> HyenaDNA next-base training -> a seqssm model directory.
+"""`seqssm pretrain`: FASTA -> held-out split -> DNA language-model training -> a seqssm model directory.
+
+Architectures (``arch``) and their objectives:
+  hyena     HyenaDNA, next-base (causal LM) objective, Markov baseline on the same split (default)
+  caduceus  Caduceus-PS (``rcps``, default) or Caduceus-Ph (``rcps=False``: a bidirectional Mamba
+            trained with RC augmentation), masked-language-model objective (seqssm.training.mlm),
+            the Caduceus AdamW recipe unless lr etc. are given; held-out masked accuracy/perplexity
+  mamba     a causal Mamba stack (Caduceus config, bidirectional=False): next-base objective with
+            the Mamba no-decay rule; the one kind of model ``seqssm embed --stream`` can walk
+``--init`` of a model directory implies its architecture.
 
 Output directory (``-o OUT``)::
 
@@ -6,8 +15,8 @@ Output directory (``-o OUT``)::
     OUT/checkpoints/step-N/      the latest checkpoint (a loadable model dir + optimizer.pt + trainer_state.json)
     OUT/checkpoints/LATEST       name of the latest complete checkpoint
     OUT/metrics.jsonl            one JSON line per step ("kind": "train") and per evaluation ("kind": "eval")
-    OUT/curves.png               loss / perplexity curves, refreshed at each evaluation
-    OUT/markov_baseline.json     the k-mer baseline on the same split (unless --no-markov-baseline)
+    OUT/curves.png               loss and perplexity (MLM: masked accuracy) curves, refreshed at each evaluation
+    OUT/markov_baseline.json     the k-mer baseline on the same split (next-base runs, unless --no-markov-baseline)
     OUT/config.json, model.safetensors, tokenizer.json, training.json
                                  the final model (written when max_steps is reached), so
                                  ``load_model(OUT)`` works; copy those four files to bundle it.
@@ -49,6 +58,7 @@ from seqssm.training.data import SHARED_CONTEXT, DataSplit, load_split
 from seqssm.training.lm import (
     METRICS,
     Callbacks,
+    CausalLMObjective,
     StopRule,
     TrainConfig,
     Trainer,
@@ -56,13 +66,17 @@ from seqssm.training.lm import (
     read_checkpoint_state,
     resolve_device,
 )
+from seqssm.training.mlm import CaduceusOptimConfig, MaskedLMObjective, no_weight_decay_names, wants_rc_augmentation
 
 RUN_FILE = "run.json"
 MARKOV_FILE = "markov_baseline.json"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "training.json")
 
+ARCHS = ("hyena", "caduceus", "mamba")
 # Defaults of a fresh run: a small HyenaDNA that trains on one GPU in tens of minutes.
 MODEL_DEFAULTS = {"d_model": 256, "n_layer": 4, "d_inner": None}
+# Caduceus / Mamba: a small model of the published layout (d_state 16, expand 2, d_conv 4).
+SSM_MODEL_DEFAULTS = {"d_model": 128, "n_layer": 4}
 TRAIN_DEFAULTS = TrainConfig(
     seq_len=1024, batch_size=64, grad_accum=1, lr=1e-3, min_lr=1e-4, warmup_steps=300, max_steps=10000,
     weight_decay=0.1, grad_clip=1.0, eval_every=500, save_every=500, seed=0,
@@ -79,6 +93,8 @@ class PretrainOptions:
 
     fasta: list = field(default_factory=list)
     output: Path | str = "pretrain-out"
+    arch: str | None = None  # hyena | caduceus | mamba; None: hyena, or the --init / resumed model's
+    rcps: bool | None = None  # caduceus: RC-equivariant (Caduceus-PS, the default) or not (Caduceus-Ph)
     d_model: int | None = None
     n_layer: int | None = None
     d_inner: int | None = None
@@ -129,6 +145,9 @@ class PretrainSummary:
     split_rule: str = ""
     train_bases: int = 0
     valid_bases: int = 0
+    architecture: str = ""
+    objective: str = "causal"  # causal | mlm
+    baseline: dict | None = None  # MLM: the no-context reference (seqssm.training.mlm.no_context_baseline)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -159,45 +178,131 @@ def _prepare_output(out: Path, *, resume: bool, force: bool) -> dict | None:
                                          "--max-steps to train it further")
 
 
-def _resolve(opts: PretrainOptions, saved: dict | None, init_config: dict | None) -> tuple[dict, TrainConfig]:
-    """Model settings and the TrainConfig of this invocation."""
+def arch_of_config(config: dict) -> str:
+    """hyena, caduceus (bidirectional and/or RC-equivariant) or mamba (causal) from a model config dict."""
+    if config.get("model_type") != "caduceus":
+        return "hyena"
+    return "caduceus" if config.get("bidirectional", True) or config.get("rcps", False) else "mamba"
+
+
+def _flag(k: str, v) -> str:
+    if k == "rcps":
+        return "--rcps" if v else "--no-rcps"
+    return f"--{k.replace('_', '-')} {v}"
+
+
+def _given_model(opts: PretrainOptions, arch: str) -> dict:
+    """The architecture options given on the command line, as model-config keys."""
+    if arch == "hyena":
+        if opts.rcps is not None:
+            raise SeqssmError(f"{_flag('rcps', opts.rcps)} is a Caduceus option; add --arch caduceus")
+        return {k: getattr(opts, k) for k in MODEL_DEFAULTS if getattr(opts, k) is not None}
+    if opts.d_inner is not None:
+        raise SeqssmError(f"--d-inner is a HyenaDNA option; a {arch} model's inner width is 2 x --d-model")
+    if arch == "mamba" and opts.rcps:
+        raise SeqssmError("--rcps: a causal Mamba (--arch mamba) cannot be RC-equivariant; use --arch caduceus")
+    given = {k: getattr(opts, k) for k in SSM_MODEL_DEFAULTS if getattr(opts, k) is not None}
+    if opts.rcps is not None and arch == "caduceus":
+        given["rcps"] = bool(opts.rcps)
+    return given
+
+
+def _arch(opts: PretrainOptions, saved: dict | None, init_config: dict | None) -> str:
+    if opts.arch is not None and opts.arch not in ARCHS:
+        raise SeqssmError(f"--arch {opts.arch!r}: choose {', '.join(ARCHS)}")
+    for config, what in ((saved or {}).get("model_config"), "the run being resumed"), (init_config, "the --init model"):
+        if config is not None:
+            arch = arch_of_config(config)
+            if opts.arch is not None and opts.arch != arch:
+                raise SeqssmError(f"--arch {opts.arch} conflicts with {what} (a {arch} model); drop --arch")
+            return arch
+    return opts.arch or "hyena"
+
+
+def train_defaults(arch: str, given_train: dict) -> TrainConfig:
+    """A fresh run's TrainConfig before the given options: HyenaDNA's, or the Caduceus AdamW recipe
+    (lr 8e-3 -> 1e-4, warm-up 10% of max_steps, betas 0.9/0.95, weight decay 0.1, clip 1.0)."""
+    if arch == "hyena":
+        return TrainConfig.from_dict(TRAIN_DEFAULTS.to_dict())
+    oc = CaduceusOptimConfig()
+    max_steps = int(given_train.get("max_steps", TRAIN_DEFAULTS.max_steps))
+    return TrainConfig.from_dict({**TRAIN_DEFAULTS.to_dict(), "lr": oc.lr, "min_lr": oc.min_lr,
+                                  "warmup_steps": oc.warmup_steps(max_steps), "weight_decay": oc.weight_decay,
+                                  "adam_betas": list(oc.betas), "adam_eps": oc.eps, "grad_clip": oc.grad_clip})
+
+
+def _resolve(opts: PretrainOptions, saved: dict | None, init_loaded) -> tuple[str, dict, TrainConfig]:
+    """Architecture, model settings and the TrainConfig of this invocation."""
+    init_config = init_loaded.config.to_dict() if init_loaded is not None else None
+    arch = _arch(opts, saved, init_config)
     given_train = {k: getattr(opts, k) for k in TrainConfig.__dataclass_fields__ if getattr(opts, k, None) is not None}
-    given_model = {k: getattr(opts, k) for k in MODEL_DEFAULTS if getattr(opts, k) is not None}
+    given_model = _given_model(opts, arch)
     if saved is not None:
         base = TrainConfig.from_dict(saved["train_config"])
         conflicts = [f"--{k.replace('_', '-')} {v} (the run has {getattr(base, k)})"
                      for k, v in given_train.items() if k not in _MUTABLE and v != getattr(base, k)]
         mc = saved["model_config"]
-        conflicts += [f"--{k.replace('_', '-')} {v} (the run has {mc.get(k)})"
+        conflicts += [f"{_flag(k, v)} (the run has {_flag(k, mc.get(k))})"
                       for k, v in given_model.items() if v != mc.get(k)]
         if conflicts:
             raise SeqssmError("cannot resume with different settings: " + "; ".join(conflicts) +
                               "; drop them, or use --force to start over")
         for k, v in given_train.items():
             setattr(base, k, v)
-        return dict(mc), base
-    cfg = TrainConfig.from_dict({**TRAIN_DEFAULTS.to_dict(), **given_train})
+        return arch, dict(mc), base
+    cfg = TrainConfig.from_dict({**train_defaults(arch, given_train).to_dict(), **given_train})
     if init_config is not None:
-        conflicts = [f"--{k.replace('_', '-')} {v} (the --init model has {init_config.get(k)})"
+        conflicts = [f"{_flag(k, v)} (the --init model has {_flag(k, init_config.get(k))})"
                      for k, v in given_model.items() if v != init_config.get(k)]
         if conflicts:
             raise SeqssmError("architecture options conflict with --init: " + "; ".join(conflicts))
+        limit = int(init_loaded.max_length)
         if opts.seq_len is None:
-            cfg.seq_len = min(cfg.seq_len, int(init_config["max_seq_len"]))
-        if cfg.seq_len > int(init_config["max_seq_len"]):
-            raise SeqssmError(f"--seq-len {cfg.seq_len} exceeds the --init model's maximum length "
-                              f"{init_config['max_seq_len']}")
-        return dict(init_config), cfg
-    model = {**MODEL_DEFAULTS, **given_model}
+            cfg.seq_len = min(cfg.seq_len, limit)
+        if arch == "hyena" and cfg.seq_len > limit:  # Caduceus has no positional limit
+            raise SeqssmError(f"--seq-len {cfg.seq_len} exceeds the --init model's maximum length {limit}")
+        return arch, dict(init_config), cfg
+    if arch == "hyena":
+        model = {**MODEL_DEFAULTS, **given_model}
+    else:
+        model = {**SSM_MODEL_DEFAULTS, **given_model}
     for k in ("d_model", "n_layer"):
         if model[k] < 1:
             raise SeqssmError(f"--{k.replace('_', '-')} must be >= 1")
+    if arch != "hyena":
+        from seqssm.models.caduceus import CaduceusConfig
+
+        rcps = bool(model.get("rcps", True)) if arch == "caduceus" else False
+        return arch, CaduceusConfig.dna(model["d_model"], model["n_layer"], rcps=rcps,
+                                        bidirectional=arch == "caduceus").to_dict(), cfg
     if model["d_inner"] is not None and model["d_inner"] < 1:
         raise SeqssmError("--d-inner must be >= 1")
     if model["d_inner"] is None:
         model["d_inner"] = 4 * model["d_model"]
     model["max_seq_len"] = cfg.seq_len
-    return model, cfg
+    return arch, model, cfg
+
+
+def build_model(arch: str, settings: dict, seed: int):
+    """A fresh model of the architecture from its config dict, initialised from ``seed``."""
+    from seqssm.models import HyenaConfig, HyenaDNAForCausalLM
+    from seqssm.models.caduceus import CaduceusConfig, CaduceusForMaskedLM
+
+    try:
+        config = HyenaConfig.from_dict(settings) if arch == "hyena" else CaduceusConfig.from_dict(settings)
+    except (TypeError, ValueError) as e:
+        raise SeqssmError(f"bad model settings: {e}") from None
+    torch.manual_seed(seed)
+    return HyenaDNAForCausalLM(config) if arch == "hyena" else CaduceusForMaskedLM(config)
+
+
+def make_objective(arch: str, model, n_as_pad: bool):
+    """MLM for Caduceus (RC augmentation unless RC-equivariant), next-base for HyenaDNA and causal Mamba."""
+    if arch == "caduceus":
+        return MaskedLMObjective(rc_aug=wants_rc_augmentation(model.config), n_as_pad=n_as_pad)
+    if arch == "mamba":
+        return CausalLMObjective(no_decay=no_weight_decay_names)
+    return CausalLMObjective()
 
 
 def _device_name(device: torch.device, dist: Dist | None = None) -> str:
@@ -219,6 +324,10 @@ def data_parallel_info(dist: Dist, *, fsdp: bool, batch_size: int) -> dict:
 def command_line(opts: PretrainOptions) -> str:
     """The `seqssm pretrain` command equivalent to ``opts`` (options left unset are omitted)."""
     words = ["seqssm", "pretrain", *map(str, opts.fasta), "-o", str(opts.output)]
+    if opts.arch is not None:
+        words += ["--arch", opts.arch]
+    if opts.rcps is not None:
+        words.append("--rcps" if opts.rcps else "--no-rcps")
     flags = ["d_model", "n_layer", "d_inner", "seq_len", "batch_size", "grad_accum", "lr", "min_lr",
              "warmup_steps", "max_steps", "weight_decay", "grad_clip", "eval_every", "eval_max_windows",
              "save_every", "seed", "max_minutes", "max_steps_this_run", "init"]
@@ -261,20 +370,30 @@ class _Display(JobDisplay, Callbacks):
                        loss="-", ppl="-", tps="-")
 
     def on_step(self, tr: Trainer, rec: dict) -> None:
+        # MLM steps report the masked positions' argmax accuracy in place of the perplexity
+        second = f"acc {rec['accuracy']:.4f}" if "accuracy" in rec else f"ppl {rec['ppl']:.4f}"
         if self.progress is not None:
-            self.progress.update(self.task, completed=rec["step"], loss=f"{rec['loss']:.4f}", ppl=f"{rec['ppl']:.3f}",
+            self.progress.update(self.task, completed=rec["step"], loss=f"{rec['loss']:.4f}", ppl=second,
                                  tps=f"{rec['tokens_per_s']:,.0f}")
         elif not self.quiet and (rec["step"] % max(tr.cfg.log_every, 1) == 0 or rec["step"] == 1):
             el = time.monotonic() - self._t0
             rate = (tr.tokens_seen - self._tokens0) / el if el > 0 else 0.0
-            self.log(f"step {rec['step']}/{tr.cfg.max_steps}  loss {rec['loss']:.4f}  ppl {rec['ppl']:.4f}  "
+            self.log(f"step {rec['step']}/{tr.cfg.max_steps}  loss {rec['loss']:.4f}  {second}  "
                      f"lr {rec['lr']:.3g}  {rate:,.0f} tok/s  {el:.0f} s")
 
     def on_eval(self, tr: Trainer, rec: dict) -> None:
+        part = "" if rec.get("full") else f" [{rec['val_windows']} windows]"
+        if "val_masked_accuracy" in rec:
+            extra = ""
+            if self.baseline:
+                extra = f"  (no context: {self.baseline['masked_accuracy']:.4f})"
+            self.log(f"[cyan]eval[/] step {rec['step']}{part}: held-out masked accuracy "
+                     f"{rec['val_masked_accuracy']:.4f}{extra}, perplexity {rec['val_ppl']:.4f} "
+                     f"({rec['val_targets']:,} masked A/C/G/T)")
+            return
         extra = ""
         if self.baseline:
             extra = f"  (best Markov k={self.baseline['best']['k']}: {self.baseline['best']['ppl']:.4f})"
-        part = "" if rec.get("full") else f" [{rec['val_windows']} windows]"
         self.log(f"[cyan]eval[/] step {rec['step']}{part}: held-out ppl {rec['val_ppl']:.4f} (ACGT targets), "
                  f"{rec['val_shared_ppl']:.4f} (shared set){extra}")
 
@@ -287,7 +406,7 @@ class _Display(JobDisplay, Callbacks):
 
 
 def run_pretrain(opts: PretrainOptions, console=None) -> PretrainSummary:
-    """Train (or continue training) a HyenaDNA next-base model; see the module docstring."""
+    """Train (or continue training) a DNA language model; see the module docstring."""
     with session(opts.device, resolve_device) as dist:
         return _run_pretrain(opts, console, dist)
 
@@ -301,7 +420,8 @@ def _find_run(out: Path, opts: PretrainOptions):
 def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary:
     from rich.console import Console
 
-    from seqssm.models import HyenaConfig, HyenaDNAForCausalLM, count_parameters, load_model
+    from seqssm.models import count_parameters, load_model
+    from seqssm.models.io import architecture_of
 
     t_start = time.monotonic()
     console = console or Console(stderr=True)
@@ -337,7 +457,7 @@ def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary
             if not fasta:
                 raise SeqssmError("no training FASTA given")
             init_loaded = load_model(opts.init, device="cpu") if opts.init else None
-        model_settings, cfg = _resolve(opts, saved, init_loaded.config.to_dict() if init_loaded is not None else None)
+        arch, model_settings, cfg = _resolve(opts, saved, init_loaded)
         cfg.validate()
         dist.check_divisible(cfg.batch_size)
         if saved is not None and saved.get("status") == "finished" and ckpt is not None \
@@ -347,7 +467,7 @@ def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary
         if saved is not None and saved.get("split_signature") != json.loads(json.dumps(_split_signature(split))):
             raise SeqssmError("cannot resume: the held-out split differs from the run's (same files and "
                               "--valid-region/--valid-file are needed); use --force to start over")
-        return (fasta, valid_regions, valid_files, init_loaded, model_settings, split), cfg
+        return (fasta, valid_regions, valid_files, init_loaded, arch, model_settings, split), cfg
 
     loaded_settings, cfg = dist.agree(settings)
     if loaded_settings is None:  # already finished
@@ -361,22 +481,31 @@ def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary
             max_steps=cfg.max_steps, tokens_seen=int(read_checkpoint_state(ckpt).get("tokens_seen", 0)),
             seconds=time.monotonic() - t_start, device="-", parameters=int(saved.get("parameters", 0)),
             resumed_from=int(saved.get("step", 0)), heldout=ho, markov=markov, split_rule=saved.get("split_rule", ""),
+            architecture=saved.get("architecture", ""), objective=saved.get("objective", "causal"),
+            baseline=saved.get("no_context_baseline"),
         )
-    fasta, valid_regions, valid_files, init_loaded, model_settings, split = loaded_settings
+    fasta, valid_regions, valid_files, init_loaded, arch, model_settings, split = loaded_settings
 
     # The model (the same on every rank: the same seed, or the same --init weights).
     if init_loaded is not None:
         model = init_loaded.model
         model.train()
     else:
-        try:
-            hcfg = HyenaConfig.from_dict(model_settings)
-        except (TypeError, ValueError) as e:
-            raise SeqssmError(f"bad model settings: {e}") from None
-        torch.manual_seed(cfg.seed)
-        model = HyenaDNAForCausalLM(hcfg)
-    tokenizer = DNATokenizer(model_max_length=int(model.config.max_seq_len))
+        model = build_model(arch, model_settings, cfg.seed)
+    # Caduceus: the window length the model was trained on (no positional limit) and whether N is fed
+    # as [PAD] (published checkpoints); both fixed when the run starts.
+    if saved is not None and "max_length" in saved:
+        max_length, n_as_pad = int(saved["max_length"]), bool(saved.get("n_as_pad", False))
+    elif arch == "hyena":
+        max_length, n_as_pad = int(model.config.max_seq_len), False
+    elif init_loaded is not None:
+        max_length, n_as_pad = max(int(init_loaded.max_length), cfg.seq_len), bool(init_loaded.n_as_pad)
+    else:
+        max_length, n_as_pad = cfg.seq_len, False
+    tokenizer = DNATokenizer(model_max_length=max_length)
     n_params = count_parameters(model)
+    objective = make_objective(arch, model, n_as_pad)
+    architecture = architecture_of(model.config)
 
     command = opts.command or command_line(opts)
     run = dict(saved or {})
@@ -390,6 +519,11 @@ def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary
         "valid_files_fingerprint": _fingerprint(valid_files),
         "init": run.get("init", opts.init),
         "kind": "pretrain",
+        "arch": arch,
+        "architecture": architecture,
+        "objective": objective.name,
+        "max_length": max_length,
+        "n_as_pad": n_as_pad,
         "model_config": model.config.to_dict(),
         "train_config": cfg.to_dict(),
         "split_signature": _split_signature(split),
@@ -406,15 +540,31 @@ def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary
     display.log(f"data: {split.train_bases:,} training bases in {len(split.train)} stretch(es); "
                 f"{split.valid_bases:,} held-out bases ({split.description['rule']})")
 
-    # The Markov baseline on exactly this split (cached); rank 0's alone, for its log and files.
-    markov = None
-    if opts.markov_baseline and main:
+    # The Markov baseline on exactly this split (cached); rank 0's alone, for its log and files. It is a
+    # next-base predictor: MLM runs get the no-context (base frequency) reference instead.
+    markov, no_context = None, None
+    if objective.name == "causal" and opts.markov_baseline and main:
         markov = _markov_baseline(out, split, cfg.seq_len, display)
         display.baseline = markov
+    elif objective.name == "mlm" and main:
+        from seqssm.training.data import validation_windows
+        from seqssm.training.mlm import no_context_baseline
+
+        no_context = no_context_baseline([st.ids for st in split.train], validation_windows(split.valid, cfg.seq_len))
+        display.baseline = no_context
+        run["no_context_baseline"] = no_context
+        display.log(f"no-context reference (the token at the position alone, training base frequencies): masked accuracy "
+                    f"{no_context['masked_accuracy']:.4f}, perplexity {no_context['perplexity']:.4f}")
+    if markov:
+        plot_baseline = lambda: markov["best"]["ppl"]  # noqa: E731
+    elif no_context:
+        plot_baseline = lambda: no_context["masked_accuracy"]  # noqa: E731
+    else:
+        plot_baseline = None
 
     trainer = Trainer(model, split, cfg, run_dir=out, device=device, tokenizer=tokenizer,
-                      extra_state={"init": run.get("init")}, callbacks=display,
-                      plot_baseline=(lambda: markov["best"]["ppl"]) if markov else None, dist=dist, fsdp=opts.fsdp)
+                      extra_state={"init": run.get("init")}, callbacks=display, plot_baseline=plot_baseline,
+                      dist=dist, fsdp=opts.fsdp, objective=objective, save_kwargs={"n_as_pad": n_as_pad})
     if opts.compile:
         trainer.compile()
     resumed_from = None
@@ -426,8 +576,9 @@ def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary
         if main:
             (out / METRICS).unlink(missing_ok=True)  # written by an invocation cut before its first checkpoint
         display.log("no checkpoint yet: starting from step 0")
-    display.log(f"model: HyenaDNA d_model {model.config.d_model}, {model.config.n_layer} layers, "
-                f"{n_params:,} parameters; device {_device_name(device, dist)}"
+    obj = ("masked LM" + (", RC augmentation" if getattr(objective, "rc_aug", False) else "")
+           if objective.name == "mlm" else "next-base LM")
+    display.log(f"model: {architecture}, {n_params:,} parameters, {obj}; device {_device_name(device, dist)}"
                 f"{' (bf16 autocast)' if device.type == 'cuda' else ''}")
     if dist.enabled:
         display.log(f"data parallel: {dist.world_size} processes ({dist.backend}, "
@@ -444,7 +595,7 @@ def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary
     heldout = None
     if outcome.finished:
         ev = outcome.last_eval or trainer.evaluate(full=True)
-        heldout = {
+        heldout = objective.heldout(ev, cfg.seq_len) if objective.name == "mlm" else {
             "perplexity": ev["val_ppl"],
             "loss": ev["val_loss"],
             "targets": ev["val_targets"],
@@ -460,8 +611,8 @@ def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary
         final_model = trainer.replica.model_to_save()  # collective under FSDP
         if main:
             info = _training_info(run, split, cfg, trainer, heldout, markov, device, n_params, command, dist,
-                                  opts.fsdp)
-            _write_final_model(out, final_model, tokenizer, info)
+                                  opts.fsdp, objective=objective, no_context=no_context)
+            _write_final_model(out, final_model, tokenizer, info, n_as_pad=n_as_pad)
             run.update(status="finished", step=outcome.step, heldout=heldout)
             _atomic_json(out / RUN_FILE, run)
         display.log(f"[green]finished[/]: model written to {out}")
@@ -476,6 +627,7 @@ def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary
         tokens_seen=outcome.tokens_seen, seconds=time.monotonic() - t_start, device=_device_name(device, dist),
         parameters=n_params, resumed_from=resumed_from, heldout=heldout, markov=markov,
         split_rule=split.description["rule"], train_bases=split.train_bases, valid_bases=split.valid_bases,
+        architecture=architecture, objective=objective.name, baseline=no_context,
     )
 
 
@@ -501,12 +653,20 @@ def _markov_baseline(out: Path, split: DataSplit, seq_len: int, display: _Displa
     return res
 
 
+def _task(arch: str, architecture: str) -> str:
+    kind = architecture.split(" (")[0]
+    if arch == "caduceus":
+        return f"masked language model ({kind}), seqssm pretrain"
+    return f"next-base causal language model ({'HyenaDNA' if arch == 'hyena' else 'Mamba'}), seqssm pretrain"
+
+
 def _training_info(run, split, cfg, trainer, heldout, markov, device, n_params, command, dist: Dist | None = None,
-                   fsdp: bool = False) -> dict:
+                   fsdp: bool = False, objective=None, no_context: dict | None = None) -> dict:
     desc = split.description
     names = ", ".join(f["name"] for f in run["fasta_fingerprint"])
     info = {
-        "task": "next-base causal language model (HyenaDNA), seqssm pretrain",
+        "task": _task(run.get("arch", "hyena"), run.get("architecture", "")),
+        "architecture": run.get("architecture"),
         "training_data": {
             "files": names,
             "held_out": desc["rule"],
@@ -540,6 +700,16 @@ def _training_info(run, split, cfg, trainer, heldout, markov, device, n_params, 
     }
     if dist is not None and dist.enabled:
         info["training"]["data_parallel"] = data_parallel_info(dist, fsdp=fsdp, batch_size=cfg.batch_size)
+    if objective is not None and objective.name == "mlm":
+        m = objective.masking
+        info["training"]["objective"] = (
+            f"masked LM: each A/C/G/T/N position selected with probability {m.mlm_probability:g}; selected -> "
+            f"[MASK] {m.mask_fraction:.0%}, random base {m.random_fraction:.0%}, unchanged "
+            f"{1 - m.mask_fraction - m.random_fraction:.0%}; loss = mean NLL over the selected positions"
+            + ("; N fed as [PAD] (never selected)" if objective.n_as_pad else ""))
+        info["training"]["rc_augmentation"] = bool(objective.rc_aug)
+    if no_context is not None:
+        info["no_context_baseline"] = no_context
     if markov is not None:
         info["markov_baseline"] = {
             "best_k": markov["best"]["k"],
@@ -556,7 +726,7 @@ def _training_info(run, split, cfg, trainer, heldout, markov, device, n_params, 
     return info
 
 
-def _write_final_model(out: Path, model, tokenizer, info: dict) -> None:
+def _write_final_model(out: Path, model, tokenizer, info: dict, n_as_pad: bool = False) -> None:
     """save_model into a fresh directory beside OUT's files, then move the four files into OUT
     (training.json last: its presence marks a complete model)."""
     from seqssm.models import save_model
@@ -565,7 +735,7 @@ def _write_final_model(out: Path, model, tokenizer, info: dict) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     (out / "training.json").unlink(missing_ok=True)
-    save_model(model, tmp, tokenizer=tokenizer, info=info)
+    save_model(model, tmp, tokenizer=tokenizer, info=info, n_as_pad=n_as_pad)
     for name in MODEL_FILES:
         if (tmp / name).exists():
             os.replace(tmp / name, out / name)

@@ -22,6 +22,7 @@ from seqssm.training.mlm import (
     mlm_batch,
     mlm_loss,
     mlm_param_groups,
+    no_context_baseline,
     no_weight_decay_names,
     rc_augment,
     reverse_complement_windows,
@@ -212,6 +213,28 @@ def test_param_groups_follow_the_caduceus_recipe():
     opt = make_mlm_optimizer(model, cfg)
     assert opt.defaults["lr"] == 8e-3 and opt.defaults["betas"] == (0.9, 0.95)
     assert cfg.weight_decay == 0.1 and cfg.warmup_steps(10000) == 1000
+
+
+def test_no_context_baseline_matches_a_simulation_on_lambda(lambda_genome):
+    """The analytic reference equals the Bayes predictor that sees only the masked token, scored on
+    masks drawn by mask_tokens (about 60,000 masked held-out bases)."""
+    train = encode(lambda_genome[:30000])
+    held = lambda_windows(lambda_genome, 18, 1000, start=30000)
+    ref = no_context_baseline([train], held)
+    p = np.array([ref["base_frequencies"][b] for b in "ACGT"])
+    inputs, targets = mask_tokens(torch.from_numpy(np.tile(held, (22, 1)).astype(np.int64)),
+                                  torch.Generator().manual_seed(0))
+    sel = targets != IGNORE
+    shown, true = inputs[sel].numpy(), targets[sel].numpy() - A
+    post = p[None, :] * (0.1 * np.eye(4) + 0.1 / 4)
+    post /= post.sum(1, keepdims=True)
+    probs = np.where((shown == MASK)[:, None], p[None, :], post[np.clip(shown - A, 0, 3)])
+    assert len(true) > 50_000
+    assert ref["masked_accuracy"] == pytest.approx(float((probs.argmax(1) == true).mean()), abs=0.006)
+    assert ref["loss"] == pytest.approx(float(-np.log(probs[np.arange(len(true)), true]).mean()), abs=0.006)
+    # ... and it is above the frequency of the most common base: 10% of the masked bases are shown as they are
+    counts = np.bincount(held.ravel(), minlength=12)[A:T + 1] / held.size
+    assert ref["masked_accuracy"] > counts.max() + 0.03
 
 
 # ----------------------------------------------------------------------------------------------

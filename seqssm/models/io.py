@@ -112,17 +112,7 @@ class LoadedModel:
 
     @property
     def architecture(self) -> str:
-        cfg = self.config
-        if self.model_type == MODEL_TYPE:
-            return f"HyenaDNA (d_model {cfg.d_model}, {cfg.n_layer} layers, order {cfg.hyena_order})"
-        if cfg.rcps:
-            kind = "Caduceus-PS (bidirectional, RC-equivariant)"
-        elif cfg.bidirectional:
-            kind = "Caduceus-Ph (bidirectional)"
-        else:
-            kind = "Caduceus / Mamba (causal)"
-        d_state = (cfg.ssm_cfg or {}).get("d_state", 16)
-        return f"{kind} (d_model {cfg.d_model}, {cfg.n_layer} layers, d_state {d_state})"
+        return architecture_of(self.config)
 
     def prepare_inputs(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids as the model was trained on them (N -> [PAD] when n_as_pad)."""
@@ -155,6 +145,20 @@ class LoadedModel:
             raise SeqssmError(f"model {self.name or 'HyenaDNA'}: HyenaDNA has no recurrent (streaming) mode here; "
                               "embed in windows instead")
         return self.model.embed_stream(self.prepare_inputs(ids), state)
+
+
+def architecture_of(cfg) -> str:
+    """One line naming the architecture of a HyenaConfig or CaduceusConfig, with its sizes."""
+    if getattr(cfg, "model_type", None) != CADUCEUS:
+        return f"HyenaDNA (d_model {cfg.d_model}, {cfg.n_layer} layers, order {cfg.hyena_order})"
+    if cfg.rcps:
+        kind = "Caduceus-PS (bidirectional, RC-equivariant)"
+    elif cfg.bidirectional:
+        kind = "Caduceus-Ph (bidirectional)"
+    else:
+        kind = "Caduceus / Mamba (causal)"
+    d_state = (cfg.ssm_cfg or {}).get("d_state", 16)
+    return f"{kind} (d_model {cfg.d_model}, {cfg.n_layer} layers, d_state {d_state})"
 
 
 def count_parameters(model: torch.nn.Module) -> int:

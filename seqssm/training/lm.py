@@ -1,12 +1,17 @@
-"""Next-base language-model training: schedule, loop, evaluation, checkpoints, metrics.
+"""DNA language-model training: schedule, loop, evaluation, checkpoints, metrics.
 
-Objective: a causal model reads a window of ``seq_len`` ids and predicts base t from bases
-0..t-1; cross-entropy over the model's whole vocabulary, averaged over the targets that are
-A, C, G or T (targets that are N or PAD are ignored). With gradient accumulation the loss of a
-step is the mean over every counted target of all its micro-batches.
+The Trainer takes an objective; two exist:
+* ``CausalLMObjective`` (HyenaDNA, causal Mamba): a causal model reads a window of ``seq_len`` ids
+  and predicts base t from bases 0..t-1; cross-entropy over the model's whole vocabulary,
+  averaged over the targets that are A, C, G or T (targets that are N or PAD are ignored).
+* ``seqssm.training.mlm.MaskedLMObjective`` (Caduceus): masked language modeling (15% of the
+  positions, 80/10/10), the loss averaged over the masked positions.
+With gradient accumulation the loss of a step is the mean over every counted target of all its
+micro-batches; under torchrun each rank divides its summed loss by the global count (see Trainer).
 
-Optimizer: AdamW; weight decay applies to matrices only (parameters whose every dimension is
-> 1), never to biases, gains, or the filter's sine frequencies. Learning rate: linear warm-up
+Optimizer: AdamW; the objective says which parameters get no weight decay (causal LM: all but
+matrices, i.e. parameters with a dimension of 1 or fewer than 2 dimensions: biases, gains, the
+filter's sine frequencies; MLM: the Caduceus recipe, see mlm.py). Learning rate: linear warm-up
 over ``warmup_steps`` to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``.
 On CUDA the forward runs under bf16 autocast (weights and optimizer state stay float32); on
 CPU everything is float32.
@@ -42,7 +47,7 @@ import torch.nn.functional as F
 from seqssm.io.atomic import atomic_write_text
 from seqssm.distributed import SINGLE, Dist, Replica, lockstep_batches, seed_rank
 from seqssm.errors import SeqssmError
-from seqssm.training.data import DataSplit, WindowSampler, is_acgt, target_masks, validation_windows
+from seqssm.training.data import DataSplit, WindowSampler, target_masks, validation_windows
 
 IGNORE = -100
 CHECKPOINTS = "checkpoints"
@@ -151,11 +156,6 @@ def adamw(groups: list[dict], *, lr: float, betas, eps: float, device: torch.dev
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kw)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    return adamw(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                 device=device)
-
-
 def autocast_for(device: torch.device):
     """bf16 autocast on CUDA, nothing elsewhere."""
     if device.type == "cuda":
@@ -187,6 +187,61 @@ def token_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     y = next_base_targets(x)
     nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1), ignore_index=IGNORE, reduction="none")
     return nll.view(y.shape)
+
+
+def matrix_decay_exempt(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters ``param_groups`` exempts from weight decay (all but matrices)."""
+    return {n for n, p in model.named_parameters() if not (p.ndim >= 2 and min(p.shape) > 1)}
+
+
+def groups_by_name(model: torch.nn.Module, exempt: set[str], weight_decay: float) -> list[dict]:
+    """AdamW groups [decay, no decay] from parameter names, in named_parameters order (so the
+    optimizer state of a checkpoint keeps its indices). Names are taken before any data-parallel
+    wrapping: FSDP2 keeps the names but not the attributes (``_no_weight_decay``) of the parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name in exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class CausalLMObjective:
+    """Next-base prediction: targets are the window shifted by one, A/C/G/T only (N, PAD ignored).
+
+    The interface every objective of the Trainer has:
+      micro_batch(ids, seed=, step=, micro=)  global micro-batch of uint8 windows -> (inputs, targets),
+                                              CPU int64, a pure function of its arguments
+      loss_sum(logits, inputs, targets)       (summed NLL over counted targets, correct argmax count or None)
+      eval_context(windows) / evaluate(...)   held-out metrics as flat "val_*" keys
+      no_decay_names(model)                   parameters without weight decay
+      plot                                    plot_curves keywords
+    """
+
+    name = "causal"
+    plot: dict = {}
+
+    def __init__(self, *, no_decay: Callable[[torch.nn.Module], set[str]] = matrix_decay_exempt):
+        self._no_decay = no_decay  # Mamba models: seqssm.training.mlm.no_weight_decay_names (A_log, D, ...)
+
+    def micro_batch(self, ids: np.ndarray, *, seed: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(ids.astype(np.int64))
+        return x, next_base_targets(x)
+
+    def loss_sum(self, logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor):
+        return token_nll(logits, inputs).sum(), None
+
+    def no_decay_names(self, model: torch.nn.Module) -> set[str]:
+        return self._no_decay(model)
+
+    def eval_context(self, windows: np.ndarray) -> tuple[np.ndarray, ...]:
+        return target_masks(windows)
+
+    def evaluate(self, model, windows, context, *, device, batch_size, dist=SINGLE, lockstep=False) -> dict:
+        return evaluate(model, windows, device=device, batch_size=batch_size, masks=context, dist=dist,
+                        lockstep=lockstep)
 
 
 @torch.no_grad()
@@ -265,18 +320,21 @@ def save_checkpoint(
     tokenizer,
     keep: int = 1,
     rng_ranks: list | None = None,
+    save_kwargs: dict | None = None,
 ) -> Path:
     """Write RUN/checkpoints/step-XXXXXXXX atomically, point LATEST at it, prune older ones.
 
     The directory is a seqssm model directory (seqssm.models.save_model: config.json,
     model.safetensors, tokenizer.json, training.json) plus optimizer.pt and trainer_state.json,
-    so ``load_model`` (and ``--init``) accept a checkpoint as it is.
+    so ``load_model`` (and ``--init``) accept a checkpoint as it is. ``save_kwargs``: more keywords
+    of save_model (``n_as_pad``).
     """
     from seqssm.models import save_model
 
     def write_model(tmp: Path) -> None:
         save_model(model, tmp, tokenizer=tokenizer, info={"checkpoint": True, "step": state["step"],
-                                                            "tokens_seen": state.get("tokens_seen")})
+                                                            "tokens_seen": state.get("tokens_seen")},
+                   **(save_kwargs or {}))
 
     return write_checkpoint(Path(run_dir) / CHECKPOINTS, f"step-{int(state['step']):08d}", write_model,
                             optimizer, state, keep=keep, rng_ranks=rng_ranks)
@@ -451,11 +509,14 @@ DNA_EVAL_SERIES = [("val_loss", "val_ppl", "held-out (ACGT targets)"), (None, "v
 
 
 def plot_curves(metrics_path: Path, png_path: Path, *, baseline_ppl: float | None = None,
-                eval_series=None, loss_unit: str = "nats per base") -> None:
-    """Training/validation loss and perplexity against step (matplotlib, Agg), written atomically.
+                eval_series=None, loss_unit: str = "nats per base", right: str = "perplexity",
+                baseline_label: str = "best Markov") -> None:
+    """Training/validation loss and perplexity (or accuracy) against step (matplotlib, Agg), written atomically.
 
-    ``eval_series``: (loss key or None, perplexity key, label) per evaluation curve; the default is
-    the DNA held-out pair."""
+    ``eval_series``: (loss key or None, right-panel key, label) per evaluation curve; the default is
+    the DNA held-out pair. ``right="accuracy"``: the right panel shows the training records'
+    "accuracy" and the series' accuracy keys instead of perplexities; ``baseline_ppl`` is then an
+    accuracy (drawn as a horizontal line labelled ``baseline_label``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -474,7 +535,13 @@ def plot_curves(metrics_path: Path, png_path: Path, *, baseline_ppl: float | Non
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid") if k > 1 else loss
         ax1.plot(s, loss, color="tab:blue", alpha=0.25, lw=0.8)
         ax1.plot(s[len(s) - len(smooth):], smooth, color="tab:blue", label="train")
-        ax2.plot(s[len(s) - len(smooth):], np.exp(smooth), color="tab:blue", label="train")
+        if right == "accuracy":
+            acc = np.array([r.get("accuracy", np.nan) for r in tr], dtype=float)
+            if np.isfinite(acc).any():
+                acc_s = np.convolve(acc, np.ones(k) / k, mode="valid") if k > 1 else acc
+                ax2.plot(s[len(s) - len(acc_s):], acc_s, color="tab:blue", label="train (batch)")
+        else:
+            ax2.plot(s[len(s) - len(smooth):], np.exp(smooth), color="tab:blue", label="train")
     if ev:
         s = [r["step"] for r in ev]
         styles = [("o-", "tab:orange"), ("s--", "tab:green"), ("^:", "tab:purple")]
@@ -483,11 +550,11 @@ def plot_curves(metrics_path: Path, png_path: Path, *, baseline_ppl: float | Non
                 ax1.plot(s, [r[loss_key] for r in ev], marker, color=color, label=label)
             ax2.plot(s, [r[ppl_key] for r in ev], marker, color=color, label=label)
     if baseline_ppl:
-        ax2.axhline(baseline_ppl, color="tab:red", ls=":", label=f"best Markov ({baseline_ppl:.3f})")
+        ax2.axhline(baseline_ppl, color="tab:red", ls=":", label=f"{baseline_label} ({baseline_ppl:.3f})")
     ax1.set_xlabel("step")
     ax1.set_ylabel(f"loss ({loss_unit})")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("perplexity")
+    ax2.set_ylabel(right)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -532,10 +599,14 @@ class Callbacks:
 class Trainer:
     """Runs the optimisation of one run directory; resumable at any checkpoint.
 
-    Under torchrun (``dist``) every rank draws the same global batch and trains on its contiguous
-    1/world slice; with the loss scaled by the world size, the averaged gradient is the
-    single-process gradient of the global batch. Only rank 0 writes checkpoints, metrics and plots.
-    ``fsdp``: shard parameters, gradients and optimizer state (FSDP2) instead of replicating them.
+    ``objective``: CausalLMObjective (default) or mlm.MaskedLMObjective; the loop, schedule,
+    checkpoints and data-parallel rules are the same for both. Under torchrun (``dist``) every rank
+    draws the same global batch (and, for MLM, the same masks) and trains on its contiguous 1/world
+    slice; its loss is its summed target loss / the global count of counted targets x world, so
+    the averaged gradient is the single-process gradient of the global batch. Evaluation batches
+    are dealt round-robin and the sums all-reduced: every rank has the same metrics. Only rank 0
+    writes checkpoints, metrics and plots. ``fsdp``: shard parameters, gradients and optimizer state
+    (FSDP2) instead of replicating them. ``save_kwargs``: passed to save_model for checkpoints.
     """
 
     def __init__(
@@ -553,11 +624,16 @@ class Trainer:
         plot: bool = True,
         dist: Dist = SINGLE,
         fsdp: bool = False,
+        objective=None,
+        save_kwargs: dict | None = None,
     ):
         cfg.validate()
         dist.check_divisible(cfg.batch_size)
         self.cfg = cfg
         self.dist = dist
+        self.objective = objective if objective is not None else CausalLMObjective()
+        self.save_kwargs = dict(save_kwargs or {})
+        no_decay = self.objective.no_decay_names(model)  # before wrapping (see groups_by_name)
         sharded = fsdp and dist.enabled  # FSDP moves each block to the device as it shards it: never whole
         self.model = model if sharded else model.to(device)
         self.replica = Replica(self.model, dist, fsdp=fsdp)
@@ -582,8 +658,9 @@ class Trainer:
         self.val_windows = validation_windows(split.valid, cfg.seq_len)
         if len(self.val_windows) == 0:
             raise SeqssmError("the held-out data has no window with at least half of its bases A, C, G or T")
-        self.val_masks = target_masks(self.val_windows)
-        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.val_context = self.objective.eval_context(self.val_windows)
+        self.optimizer = adamw(groups_by_name(self.model, no_decay, cfg.weight_decay), lr=cfg.lr,
+                               betas=cfg.adam_betas, eps=cfg.adam_eps, device=device)
         self.metrics = MetricsLog(self.run_dir / METRICS)
         self.step = 0
         self.tokens_seen = 0
@@ -639,7 +716,7 @@ class Trainer:
         path = Path(self.run_dir) / CHECKPOINTS / f"step-{self.step:08d}"
         if self.dist.is_main:
             path = save_checkpoint(self.run_dir, model, opt_state, self.state(), tokenizer=self.tokenizer,
-                                   keep=self.cfg.keep_checkpoints, rng_ranks=rng_ranks)
+                                   keep=self.cfg.keep_checkpoints, rng_ranks=rng_ranks, save_kwargs=self.save_kwargs)
         self.dist.barrier()
         self._save_seconds = time.monotonic() - t0
         self.last_checkpoint = path
@@ -648,19 +725,19 @@ class Trainer:
         return path
 
     # -- work
-    def _eval_windows(self, full: bool) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    def _eval_windows(self, full: bool) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         n = self.cfg.eval_max_windows
         if full or not n or n >= len(self.val_windows):
-            return self.val_windows, self.val_masks
+            return self.val_windows, self.val_context
         idx = np.unique(np.linspace(0, len(self.val_windows) - 1, n).round().astype(np.int64))
-        return self.val_windows[idx], (self.val_masks[0][idx], self.val_masks[1][idx])
+        return self.val_windows[idx], tuple(c[idx] for c in self.val_context)
 
     def evaluate(self, *, full: bool = True) -> dict:
         t0 = time.monotonic()
-        windows, masks = self._eval_windows(full)
-        res = evaluate(self.eval_model or self.forward_model, windows, device=self.device,
-                       batch_size=self.cfg.eval_batch_size or self.cfg.batch_size, masks=masks,
-                       dist=self.dist, lockstep=self.replica.lockstep)
+        windows, context = self._eval_windows(full)
+        res = self.objective.evaluate(self.eval_model or self.forward_model, windows, context, device=self.device,
+                                      batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
+                                      dist=self.dist, lockstep=self.replica.lockstep)
         self._eval_seconds = time.monotonic() - t0
         rec = {"kind": "eval", "step": self.step, "tokens_seen": self.tokens_seen, "full": bool(full or
                windows is self.val_windows), **res, "eval_seconds": round(self._eval_seconds, 3)}
@@ -675,7 +752,7 @@ class Trainer:
     def plot_curves(self) -> None:
         with contextlib.suppress(Exception):  # a plot is a convenience; never fail a run for it
             plot_curves(self.metrics.path, self.run_dir / CURVES,
-                        baseline_ppl=self.plot_baseline() if self.plot_baseline else None)
+                        baseline_ppl=self.plot_baseline() if self.plot_baseline else None, **self.objective.plot)
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -683,24 +760,31 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        # Every rank draws the whole global batch (cheap) and keeps its slice; the target count that
-        # normalises the loss is the global one, so per-rank losses add up to the single-process loss.
-        batches = [self.sampler.batch(self.step, m, cfg.batch_size) for m in range(cfg.grad_accum)]
-        n_targets = int(sum(int(is_acgt(b[:, 1:]).sum()) for b in batches))
+        # Every rank draws the whole global batch (and its masks: cheap) and keeps its slice; the target
+        # count that normalises the loss is the global one, so per-rank losses add up to the
+        # single-process loss.
+        batches = [self.objective.micro_batch(self.sampler.batch(self.step, m, cfg.batch_size), seed=cfg.seed,
+                                              step=self.step, micro=m) for m in range(cfg.grad_accum)]
+        n_targets = int(sum(int((t != IGNORE).sum()) for _, t in batches))
         rows = self.dist.rows(cfg.batch_size)
         world = self.dist.world_size
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for m, b in enumerate(batches):
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed NLL, correct argmax
+        has_accuracy = False
+        for m, (x, y) in enumerate(batches):
             if world > 1:
-                b = b[rows]
-            x = torch.from_numpy(b.astype(np.int64)).to(self.device, non_blocking=True)
+                x, y = x[rows], y[rows]
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
             with self.replica.sync_grads(m == len(batches) - 1):
                 with autocast_for(self.device):
                     logits = self.forward_model(x)
-                nll = token_nll(logits, x).sum()
+                nll, correct = self.objective.loss_sum(logits, x, y)
                 loss = nll / max(n_targets, 1)
                 (loss * world if world > 1 else loss).backward()  # DDP/FSDP average over the ranks
-            total += nll.detach().double()
+            total[0] += nll.detach().double()
+            if correct is not None:
+                total[1] += correct.double()
+                has_accuracy = True
         if cfg.grad_clip and cfg.grad_clip > 0:
             gnorm = self.replica.clip_grad_norm(self.model.parameters(), cfg.grad_clip)
         else:
@@ -708,15 +792,19 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.dist.all_sum_(total)
-        loss = float(total) / max(n_targets, 1)  # syncs the device: the step is done
+        sums = total.tolist()  # syncs the device: the step is done
+        loss = sums[0] / max(n_targets, 1)
         dt = time.perf_counter() - t0
         tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
         self.step += 1
         self.tokens_seen += tokens
         self.train_seconds += dt
-        return {"kind": "train", "step": self.step, "lr": lr, "loss": loss,
-                "ppl": math.exp(min(loss, 50.0)), "grad_norm": gnorm, "tokens_per_s": tokens / dt,
-                "tokens_seen": self.tokens_seen, "step_seconds": dt}
+        rec = {"kind": "train", "step": self.step, "lr": lr, "loss": loss,
+               "ppl": math.exp(min(loss, 50.0)), "grad_norm": gnorm, "tokens_per_s": tokens / dt,
+               "tokens_seen": self.tokens_seen, "step_seconds": dt}
+        if has_accuracy:  # MLM: argmax accuracy over this step's masked positions
+            rec.update(accuracy=sums[1] / max(n_targets, 1), targets=n_targets)
+        return rec
 
     def _out_of_time(self, stop: StopRule, step_time: float) -> bool:
         if stop.max_minutes is None:

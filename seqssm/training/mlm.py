@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seqssm.distributed import SINGLE, Dist, lockstep_batches
 from seqssm.layers.norm import RMSNorm
 from seqssm.tokenizers.dna import A, BOS, C, CLS, COMPLEMENT_LUT, G, MASK, N, PAD, SEP, T, VOCAB_SIZE
 
@@ -192,6 +193,8 @@ def evaluate_mlm(
     seed: int = 0,
     masking: MaskingConfig = MaskingConfig(),
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    dist: Dist = SINGLE,
+    lockstep: bool = False,
 ) -> dict:
     """Masked-token loss, perplexity and accuracy on fixed held-out windows [n, L] (uint8 ids).
 
@@ -200,14 +203,20 @@ def evaluate_mlm(
     id is A/C/G/T. accuracy: the argmax over the whole vocabulary equals the original base.
     `prepare` maps the ids fed to the model (e.g. LoadedModel.prepare_inputs); targets are not
     changed by it. On CUDA the forward runs under bf16 autocast (logits compared in float32).
+    Under torchrun (`dist`) the batches are dealt round-robin to the ranks and the sums added up,
+    so every rank returns the single-process numbers (`lockstep`: FSDP, where every rank must run
+    as many forwards as the others).
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     nll_sum, correct, count, excluded = 0.0, 0, 0, 0
     base_ids = torch.tensor(BASES, device=device)
+    starts = range(0, len(windows), batch_size)
+    mine = lockstep_batches(len(starts), dist, lockstep=lockstep) if dist.enabled else range(len(starts))
     try:
-        for s in range(0, len(windows), batch_size):
+        for k in mine:
+            s = starts[k if k is not None else 0]
             chunk = torch.from_numpy(np.ascontiguousarray(windows[s:s + batch_size]).astype(np.int64))
             pairs = [mask_tokens(chunk[j], batch_generator(seed, s + j), masking) for j in range(len(chunk))]
             inputs = torch.stack([p[0] for p in pairs]).to(device)
@@ -216,6 +225,8 @@ def evaluate_mlm(
                 inputs = prepare(inputs)
             with _autocast(device):
                 logits = model(inputs)
+            if k is None:
+                continue  # a lockstep filler: the forward only keeps the ranks together
             logits = logits.float()
             counted = torch.isin(targets, base_ids)
             excluded += int(((targets != IGNORE) & ~counted).sum())
@@ -225,6 +236,9 @@ def evaluate_mlm(
             count += int(counted.sum())
     finally:
         model.train(was_training)
+    if dist.enabled:
+        nll_sum, correct, count, excluded = dist.all_sum([nll_sum, correct, count, excluded])
+        correct, count, excluded = int(round(correct)), int(round(count)), int(round(excluded))
     loss = nll_sum / count if count else float("nan")
     return {
         "loss": loss,
@@ -233,11 +247,112 @@ def evaluate_mlm(
         "targets": count,
         "excluded_n_targets": excluded,
         "windows": int(len(windows)),
-        "definition": (f"masked-token prediction on {len(windows)} held-out windows of {windows.shape[1]} bp, "
-                       f"{masking.mlm_probability:.0%} of positions masked (80/10/10, fixed seed {seed}); "
-                       "over the masked A/C/G/T positions: loss = mean NLL (nats), perplexity = exp(loss), "
-                       "masked_accuracy = argmax over the vocabulary equals the original base"),
+        "definition": mlm_definition(len(windows), windows.shape[1], masking, seed),
     }
+
+
+def mlm_definition(n_windows: int, length: int, masking: MaskingConfig = MaskingConfig(), seed: int = 0) -> str:
+    """What evaluate_mlm's numbers mean, in words (recorded with them)."""
+    return (f"masked-token prediction on {n_windows} held-out windows of {length} bp, "
+            f"{masking.mlm_probability:.0%} of positions masked (80/10/10, fixed seed {seed}); "
+            "over the masked A/C/G/T positions: loss = mean NLL (nats), perplexity = exp(loss), "
+            "masked_accuracy = argmax over the vocabulary equals the original base")
+
+
+def no_context_baseline(train_ids, windows: np.ndarray, masking: MaskingConfig = MaskingConfig()) -> dict:
+    """The no-context reference for the MLM metrics: the best prediction of a masked base from the
+    token at its position alone (no neighbours), with the training set's base frequencies p as prior.
+
+    At a selected position the model sees [MASK] (mask_fraction), a uniformly random base
+    (random_fraction) or the true base (the rest); the Bayes posterior given the shown token is
+    p(t) for [MASK] and proportional to p(t) * (keep * [t == s] + random / 4) for a shown base s.
+    Scored on the held-out A/C/G/T composition q (masked positions are a uniform sample of them):
+    masked_accuracy and loss (mean NLL, nats) are the expectations evaluate_mlm would report for
+    this predictor. A trained model must beat it to be using the context.
+    """
+    k = len(BASES)
+    counts = np.zeros(k, np.float64)
+    for ids in train_ids:
+        counts += np.bincount(np.asarray(ids).ravel(), minlength=VOCAB_SIZE)[list(BASES)]
+    held = np.bincount(np.asarray(windows).ravel(), minlength=VOCAB_SIZE)[list(BASES)].astype(np.float64)
+    if counts.sum() == 0 or held.sum() == 0:
+        return {"masked_accuracy": float("nan"), "loss": float("nan"), "perplexity": float("nan")}
+    p = np.maximum(counts / counts.sum(), 1e-12)
+    q = held / held.sum()
+    fm, fr = masking.mask_fraction, masking.random_fraction
+    fk = 1.0 - fm - fr
+    post = p[None, :] * (fk * np.eye(k) + fr / k)  # [shown s, true t]
+    post /= post.sum(1, keepdims=True)
+    guess = post.argmax(1)  # the prediction when base s is shown
+    loss = acc = 0.0
+    for t in range(k):
+        shown = fk * np.eye(k)[t] + fr / k  # P(shown base s | true t, not masked)
+        loss += q[t] * (fm * -np.log(p[t]) + (shown * -np.log(post[:, t])).sum())
+        acc += q[t] * (fm * float(np.argmax(p) == t) + (shown * (guess == t)).sum())
+    return {"masked_accuracy": float(acc), "loss": float(loss), "perplexity": math.exp(loss),
+            "base_frequencies": {b: round(float(x), 5) for b, x in zip("ACGT", p)},
+            "definition": "no context: each masked A/C/G/T base predicted from the token shown at its position "
+                          "alone ([MASK], a random or the unchanged base), with the training base frequencies "
+                          "as prior; expected held-out masked accuracy and perplexity"}
+
+
+class MaskedLMObjective:
+    """The MLM objective for the Trainer (see seqssm.training.lm.CausalLMObjective for the interface).
+
+    Micro-batch m of step s: RC augmentation when `rc_aug`, (N -> [PAD] when `n_as_pad`,) then
+    masking, all drawn from batch_generator(seed, s, m): a pure function of the step, so every rank
+    of a torchrun job masks the global batch as one process does and a resumed run continues the
+    same stream. Training loss: mean NLL over every masked position (N included unless n_as_pad);
+    held-out metrics: evaluate_mlm (masked A/C/G/T positions, fixed masks, seed `eval_seed`).
+    """
+
+    name = "mlm"
+    plot = {"eval_series": [("val_loss", "val_masked_accuracy", "held-out (masked A/C/G/T)")],
+            "right": "accuracy", "loss_unit": "nats per masked base", "baseline_label": "no-context baseline"}
+
+    def __init__(self, *, rc_aug: bool = False, n_as_pad: bool = False, masking: MaskingConfig = MaskingConfig(),
+                 eval_seed: int = 0):
+        self.rc_aug = rc_aug
+        self.n_as_pad = n_as_pad
+        self.masking = masking
+        self.eval_seed = eval_seed
+
+    def _prepare(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.where(ids == N, torch.full_like(ids, PAD), ids) if self.n_as_pad else ids
+
+    def micro_batch(self, ids: np.ndarray, *, seed: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """mlm_batch, with N -> [PAD] (n_as_pad) after the RC flip, so an N run stays where it belongs."""
+        g = batch_generator(seed, step, micro)
+        x = torch.from_numpy(ids.astype(np.int64))
+        if self.rc_aug:
+            x, _ = rc_augment(x, g)
+        return mask_tokens(self._prepare(x), g, self.masking)
+
+    def loss_sum(self, logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor):
+        nll = mlm_loss(logits, targets, "sum")
+        correct = ((logits.detach().argmax(-1) == targets) & (targets != IGNORE)).sum()
+        return nll, correct
+
+    def no_decay_names(self, model: nn.Module) -> set[str]:
+        return no_weight_decay_names(model)
+
+    def eval_context(self, windows: np.ndarray) -> tuple:
+        return ()
+
+    def evaluate(self, model, windows, context, *, device, batch_size, dist=SINGLE, lockstep=False) -> dict:
+        r = evaluate_mlm(model, windows, device=device, batch_size=batch_size, seed=self.eval_seed,
+                         masking=self.masking, prepare=self._prepare if self.n_as_pad else None, dist=dist,
+                         lockstep=lockstep)
+        return {"val_windows": r["windows"], "val_targets": r["targets"],
+                "val_excluded_n_targets": r["excluded_n_targets"], "val_loss": r["loss"], "val_ppl": r["perplexity"],
+                "val_masked_accuracy": r["masked_accuracy"]}
+
+    def heldout(self, rec: dict, seq_len: int) -> dict:
+        """training.json's "heldout" (evaluate_mlm's dict) from an evaluation record."""
+        return {"loss": rec["val_loss"], "perplexity": rec["val_ppl"], "masked_accuracy": rec["val_masked_accuracy"],
+                "targets": rec["val_targets"], "excluded_n_targets": rec["val_excluded_n_targets"],
+                "windows": rec["val_windows"],
+                "definition": mlm_definition(rec["val_windows"], seq_len, self.masking, self.eval_seed)}
 
 
 # ----------------------------------------------------------------------------------------------
