@@ -114,3 +114,17 @@ def test_bad_stream_state_is_refused(lambda_genome):
         _, state = model.embed_stream(ids)
         with pytest.raises(ValueError, match="batch"):
             model.embed_stream(ids[:1], state)
+
+
+@pytest.mark.gpu
+def test_stream_on_cuda_with_kernel_aligned_lengths(lambda_genome):
+    """Windows whose length lets mamba-ssm's scan use 16-byte loads: the stream path hands it the
+    convolution output minus its warm-up positions, a view that starts mid-row (once a crash)."""
+    model = causal_model(seed=3, d_model=64).cuda()
+    reps = -(-3 * 8192 // len(lambda_genome)) + 1
+    ids = lambda_ids(lambda_genome * reps, [0], 3 * 8192).cuda()
+    with torch.no_grad():
+        whole = model.embed(ids)
+        got, _ = run_windows(model, ids, [8192])
+    torch.cuda.synchronize()
+    assert rel(got, whole) <= 1e-4

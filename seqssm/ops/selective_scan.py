@@ -375,6 +375,15 @@ def _initial_state_response(delta, A, C, h0, chunk: int):
     return torch.cat(ys, dim=-1), h
 
 
+def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """mamba-ssm's scan loads 16 bytes at a time when the length allows it, so a view starting
+    mid-row (the convolution output after its W-1 warm-up positions are dropped, in stream mode)
+    faults with a misaligned address: such views are copied into a fresh buffer."""
+    if t is None or t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _scan_with_kernel(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
                       chunk: int | None = None):
     """Run a mamba-ssm style kernel (which has no initial state) and add the initial state's share.
@@ -382,6 +391,7 @@ def _scan_with_kernel(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplu
     The scan is linear in its state, so out = kernel(...) + silu(z) * y0 and
     last = kernel_last + exp(A * sum(delta)) * h0, with y0 from _initial_state_response.
     """
+    u, delta, B, C, z = (_aligned(t) for t in (u, delta, B, C, z))
     if initial_state is None:
         return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     res = kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
