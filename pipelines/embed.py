@@ -379,6 +379,18 @@ def _plan(opts: EmbedOptions, dist) -> _Job:
     return job
 
 
+def _write_chunk(chunk: list[Item], job: "_Job", opts: "EmbedOptions", tokens, part: Path, state: dict) -> None:
+    """Embed a chunk and write its part file; the caller commits `state` (the counters updated here)."""
+    table, keep = _chunk_table(chunk, job, opts, tokens)
+    if tokens is not None:
+        tokens.sync()
+    state["parts"].append(out.write_part(part, table, state))
+    state["items_done"] += len(chunk)
+    state["rows"] += len(keep)
+    state["skipped"] += len(chunk) - len(keep)
+    state["tokens"] = tokens.rows if tokens is not None else 0
+
+
 def _chunk_table(chunk: list[Item], job: _Job, opts: EmbedOptions, tokens) -> tuple[pa.Table, list[Item]]:
     """Embed one chunk: its table (the windows kept after the N filter) and those windows."""
     keep = [it for it in chunk if it.n_frac <= opts.max_n_frac]
@@ -425,14 +437,7 @@ def _run_single(job: _Job, opts: EmbedOptions) -> EmbedSummary:
                 chunk = [it for _, it in zip(range(job.chunk_items), items)]
                 if not chunk:
                     break
-                table, keep = _chunk_table(chunk, job, opts, tokens)
-                if tokens is not None:
-                    tokens.sync()
-                state["parts"].append(out.write_part(part, table, state))
-                state["items_done"] += len(chunk)
-                state["rows"] += len(keep)
-                state["skipped"] += len(chunk) - len(keep)
-                state["tokens"] = tokens.rows if tokens is not None else 0
+                _write_chunk(chunk, job, opts, tokens, part, state)
                 old_stream = (state.get("stream") or {}).get("file")
                 if walker is not None:  # saved before the commit that points at it
                     state["stream"] = walker.save(part / f"stream-{len(state['parts']):06d}.safetensors")
@@ -549,15 +554,8 @@ def _embed_shard(job: _Job, opts: EmbedOptions, dist, part: Path, state: dict) -
                 if k < done:
                     progress.advance(n, resumed=True)
                     continue
-                table, keep = _chunk_table(chunk, job, opts, tokens)
-                if tokens is not None:
-                    tokens.sync()
-                state["parts"].append(out.write_part(part, table, state))
-                state["items_done"] += len(chunk)
+                _write_chunk(chunk, job, opts, tokens, part, state)
                 state["items_this_run"] += len(chunk)
-                state["rows"] += len(keep)
-                state["skipped"] += len(chunk) - len(keep)
-                state["tokens"] = tokens.rows if tokens is not None else 0
                 state["bases_this_run"] += n
                 out.commit(part, state)
                 progress.advance(n)
@@ -611,9 +609,6 @@ def _embed_stream_chunk(chunk: list[Item], walker: StreamWalker, opts: EmbedOpti
 
 
 def _finish_tokens(part: Path, output: Path, schema, state: dict, tokens, meta: dict, force: bool) -> None:
-    import os
-    import shutil
-
     import pyarrow.parquet as pq
 
     tokens.finish()
@@ -624,15 +619,7 @@ def _finish_tokens(part: Path, output: Path, schema, state: dict, tokens, meta: 
         (part / name).unlink()
     out.atomic_write_text(part / "meta.json", json.dumps({**meta, "rows": tokens.rows}, indent=1))
     (part / out.STATE).unlink()
-    if output.exists() and force:
-        trash = output.with_name(f".{output.name}.old")
-        if trash.exists():
-            shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
-        os.replace(output, trash)
-        os.replace(part, output)
-        shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
-    else:
-        os.replace(part, output)
+    out.move_into_place(part, output, force=force)
 
 
 def summary_dict(s: EmbedSummary) -> dict:

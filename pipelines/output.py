@@ -319,16 +319,22 @@ def merge_token_shards(output: Path, world: int, states: list[dict], schema: pa.
     if row != total:
         raise RuntimeError(f"merged {row} token rows, the shards hold {total}")
     atomic_write_text(merged / "meta.json", json.dumps({**meta, "rows": total}, indent=1))
+    move_into_place(merged, output, force=force)
+    _remove_shards(output, world)
+
+
+def move_into_place(done: Path, output: Path, *, force: bool) -> None:
+    """Rename a finished output directory to its final name; with force, over an existing output
+    (moved aside first, so a crash leaves one of the two whole, never a mixture)."""
     if output.exists() and force:
         trash = output.with_name(f".{output.name}.old")
         if trash.exists():
             shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
         os.replace(output, trash)
-        os.replace(merged, output)
+        os.replace(done, output)
         shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
     else:
-        os.replace(merged, output)
-    _remove_shards(output, world)
+        os.replace(done, output)
 
 
 def prepare_run_dir(out: Path, *, kind: str, resume: bool, force: bool, finished_hint: str,

@@ -16,7 +16,7 @@ from seqssm.errors import SeqssmError
 from seqssm.models.caduceus import CaduceusConfig, CaduceusForMaskedLM
 from seqssm.tokenizers.dna import encode
 
-from test_caduceus import small_config
+from test_caduceus import build, small_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,14 +27,7 @@ def rel(a, b):
 
 def causal_model(seed=0, **over) -> CaduceusForMaskedLM:
     """A causal Caduceus (bidirectional=False, rcps=False) with every parameter moved off its init."""
-    cfg = small_config(bidirectional=False, rcps=False, **over)
-    torch.manual_seed(seed)
-    model = CaduceusForMaskedLM(CaduceusConfig.from_dict(copy.deepcopy(cfg)))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return build(small_config(bidirectional=False, rcps=False, **over), seed)
 
 
 def lambda_ids(genome: str, starts, length) -> torch.Tensor:
