@@ -95,7 +95,9 @@ def list_models() -> None:
 
     t = Table(title="bundled models")
     for col in ("name", "architecture", "parameters", "max length", "held-out"):
-        t.add_column(col, justify="right" if col in ("parameters", "max length", "held-out") else "left")
+        # The name is what users type: never truncate or wrap it; the architecture wraps instead.
+        t.add_column(col, justify="right" if col in ("parameters", "max length", "held-out") else "left",
+                     no_wrap=col == "name", min_width=len("caduceus-ps-chr20") if col == "name" else None)
     for name in bundled_models():
         if _is_chem(name):
             d = _describe_chem(name)
