@@ -52,6 +52,7 @@ from seqssm.errors import SeqssmError
 from seqssm.models.heads import POOLINGS, TASKS, SequenceClassifier, batch_examples, reverse_complement_padded
 from seqssm.training.lm import (
     CHECKPOINTS,
+    StopRule,
     config_from_dict,
     config_to_dict,
     adamw,
@@ -366,13 +367,8 @@ class FinetuneOutcome:
     history: list
 
 
-@dataclass
-class FinetuneStop:
-    """When this invocation stops early (the run itself is defined by FinetuneConfig.epochs)."""
-
-    max_minutes: float | None = None
-    max_steps_this_run: int | None = None
-    started: float = field(default_factory=time.monotonic)
+# When this invocation stops early (the run itself is defined by FinetuneConfig.epochs).
+FinetuneStop = StopRule
 
 
 class FinetuneTrainer:
@@ -624,15 +620,6 @@ class FinetuneTrainer:
     def done(self) -> bool:
         return self.stopped_early or self.epoch >= self.cfg.epochs
 
-    def _out_of_time(self, stop: FinetuneStop, step_time: float) -> bool:
-        if stop.max_minutes is None:
-            return False
-        need = step_time * 1.5 + self._save_seconds + 1.0
-        if self.batch + 1 >= self.steps_per_epoch:
-            need += self._eval_seconds
-        late = time.monotonic() + need > stop.started + 60.0 * stop.max_minutes
-        return bool(self.dist.broadcast(late))  # rank 0's clock decides for every rank
-
     def fit(self, stop: FinetuneStop | None = None) -> FinetuneOutcome:
         """Train until the last epoch, early stopping, or ``stop``; always leaves a checkpoint behind."""
         stop = stop or FinetuneStop()
@@ -644,11 +631,11 @@ class FinetuneTrainer:
         while not self.done():
             order, flips = self._epoch_plan(self.epoch)
             while self.batch < self.steps_per_epoch:
-                if stop.max_steps_this_run is not None and steps_this_run >= stop.max_steps_this_run:
-                    reason = f"--max-steps-this-run {stop.max_steps_this_run} reached"
-                    break
-                if steps_this_run and self._out_of_time(stop, step_time):
-                    reason = f"--max-minutes {stop.max_minutes:g} budget reached"
+                why = stop.why_stop(steps_this_run, step_time, save_seconds=self._save_seconds,
+                                    eval_seconds=self._eval_seconds, eval_next=self.batch + 1 >= self.steps_per_epoch,
+                                    dist=self.dist)
+                if why:
+                    reason = why
                     break
                 rec = self.train_step(order, flips)
                 steps_this_run += 1

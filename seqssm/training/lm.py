@@ -576,6 +576,21 @@ class StopRule:
     max_steps_this_run: int | None = None
     started: float = field(default_factory=time.monotonic)
 
+    def why_stop(self, steps_this_run: int, step_time: float, *, save_seconds: float, eval_seconds: float,
+                 eval_next: bool, dist) -> str | None:
+        """Why this invocation must stop before its next step, or None. The time budget must hold
+        the next step, its checkpoint and, when one is due after it, an evaluation; rank 0's clock
+        decides for every rank (a collective: every rank calls this at the same steps)."""
+        if self.max_steps_this_run is not None and steps_this_run >= self.max_steps_this_run:
+            return f"--max-steps-this-run {self.max_steps_this_run} reached"
+        if not steps_this_run or self.max_minutes is None:
+            return None
+        need = step_time * 1.5 + save_seconds + 1.0 + (eval_seconds if eval_next else 0.0)
+        late = time.monotonic() + need > self.started + 60.0 * self.max_minutes
+        if dist.broadcast(late):
+            return f"--max-minutes {self.max_minutes:g} budget reached"
+        return None
+
 
 @dataclass
 class TrainOutcome:
@@ -806,15 +821,6 @@ class Trainer:
             rec.update(accuracy=sums[1] / max(n_targets, 1), targets=n_targets)
         return rec
 
-    def _out_of_time(self, stop: StopRule, step_time: float) -> bool:
-        if stop.max_minutes is None:
-            return False
-        need = step_time * 1.5 + self._save_seconds + 1.0
-        if (self.step + 1) % self.cfg.eval_every == 0:
-            need += self._eval_seconds
-        late = time.monotonic() + need > stop.started + 60.0 * stop.max_minutes
-        return bool(self.dist.broadcast(late))  # rank 0's clock decides for every rank
-
     def fit(self, stop: StopRule | None = None) -> TrainOutcome:
         """Train until max_steps or until ``stop`` says so; always leaves a checkpoint behind."""
         stop = stop or StopRule()
@@ -825,11 +831,11 @@ class Trainer:
         step_time = 0.0
         reason = "finished"
         while self.step < cfg.max_steps:
-            if stop.max_steps_this_run is not None and steps_this_run >= stop.max_steps_this_run:
-                reason = f"--max-steps-this-run {stop.max_steps_this_run} reached"
-                break
-            if steps_this_run and self._out_of_time(stop, step_time):
-                reason = f"--max-minutes {stop.max_minutes:g} budget reached"
+            why = stop.why_stop(steps_this_run, step_time, save_seconds=self._save_seconds,
+                                eval_seconds=self._eval_seconds, eval_next=(self.step + 1) % cfg.eval_every == 0,
+                                dist=self.dist)
+            if why:
+                reason = why
                 break
             rec = self.train_step()
             steps_this_run += 1

@@ -476,15 +476,6 @@ class MoleculeTrainer:
             plot_curves(self.metrics.path, self.run_dir / CURVES, eval_series=[("val_loss", "val_ppl", "validation")],
                         loss_unit="nats per token")
 
-    def _out_of_time(self, stop: StopRule, step_time: float) -> bool:
-        if stop.max_minutes is None:
-            return False
-        need = step_time * 1.5 + self._save_seconds + 1.0
-        if (self.p.step + 1) % self.eval_every == 0:
-            need += self._eval_seconds
-        late = time.monotonic() + need > stop.started + 60.0 * stop.max_minutes
-        return bool(self.dist.broadcast(late))  # rank 0's clock decides for every rank
-
     def fit(self, stop: StopRule | None = None) -> MolTrainOutcome:
         """Train to the last epoch, early stop, or ``stop``; always leaves a checkpoint behind."""
         stop = stop or StopRule()
@@ -494,11 +485,11 @@ class MoleculeTrainer:
         reason = "finished"
         sync_every = max(1, min(self.cfg.log_every, 10))
         while self.p.step < self.max_steps and not self.p.stopped_early:
-            if stop.max_steps_this_run is not None and steps_this_run >= stop.max_steps_this_run:
-                reason = f"--max-steps-this-run {stop.max_steps_this_run} reached"
-                break
-            if steps_this_run and self._out_of_time(stop, step_time):
-                reason = f"--max-minutes {stop.max_minutes:g} budget reached"
+            why = stop.why_stop(steps_this_run, step_time, save_seconds=self._save_seconds,
+                                eval_seconds=self._eval_seconds, eval_next=(self.p.step + 1) % self.eval_every == 0,
+                                dist=self.dist)
+            if why:
+                reason = why
                 break
             self.train_step()
             steps_this_run += 1
