@@ -21,9 +21,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from seqssm.errors import SeqssmError
+from seqssm.ops.backends import resolve_backend
 
-BACKENDS = ("auto", "torch", "cuda")
 ACTIVATIONS = (None, "silu", "swish")
 
 
@@ -141,21 +140,8 @@ def _kernel_fits(x, weight) -> bool:
 
 
 def _resolve(backend, x, weight, what) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"{what}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        return "cuda" if x.is_cuda and _kernels() is not None and _kernel_fits(x, weight) else "torch"
-    if backend == "cuda":
-        if not x.is_cuda:
-            raise ValueError(f"{what}: backend 'cuda' needs tensors on a CUDA device, got {x.device}")
-        if _kernels() is None:
-            raise SeqssmError(
-                f"{what}: the causal-conv1d CUDA kernels are not installed (or failed to import): "
-                "install them with `pip install \"seqssm[gpu]\"`, or use backend 'torch'"
-            )
-        if not _kernel_fits(x, weight):
-            raise ValueError(f"{what}: the CUDA kernel needs width 2..4 and float32/float16/bfloat16 tensors")
-    return backend
+    return resolve_backend(backend, x, _kernels, what, "causal-conv1d", fits=lambda: _kernel_fits(x, weight),
+                           unfit="the CUDA kernel needs width 2..4 and float32/float16/bfloat16 tensors")
 
 
 def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None,

@@ -54,9 +54,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from seqssm.errors import SeqssmError
+from seqssm.ops.backends import resolve_backend
 
-BACKENDS = ("auto", "torch", "cuda")
 
 # One chunk's [batch, dim, positions, dstate] tensors hold about this many numbers (4 MB in float32).
 _CHUNK_ELEMENTS = 1 << 20
@@ -332,19 +331,7 @@ def cuda_kernels_available() -> bool:
 
 
 def _resolve(backend: str, tensor: torch.Tensor, kernel, what: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"{what}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        return "cuda" if tensor.is_cuda and kernel() is not None else "torch"
-    if backend == "cuda":
-        if not tensor.is_cuda:
-            raise ValueError(f"{what}: backend 'cuda' needs tensors on a CUDA device, got {tensor.device}")
-        if kernel() is None:
-            raise SeqssmError(
-                f"{what}: the CUDA kernels of mamba-ssm are not installed (or failed to import): "
-                "install them with `pip install \"seqssm[gpu]\"`, or use backend 'torch'"
-            )
-    return backend
+    return resolve_backend(backend, tensor, kernel, what, "mamba-ssm")
 
 
 def scan_backend(backend: str, tensor: torch.Tensor) -> str:
