@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from seqssm.ops.hyena_fused import fft_epilogue
+
 
 def _check(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor) -> int:
     if u.dim() < 2:
@@ -79,11 +81,9 @@ def fft_length(L: int) -> int:
     can be markedly slower, and n >= 2L - 1 is all the zero padding a causal convolution needs.
     """
     need = max(2 * L - 1, 1)
-    best = 1 << (need - 1).bit_length()
-    three = 3 << max((need - 1) // 3, 0).bit_length()
-    while three // 2 >= need and three % 2 == 0:
-        three //= 2
-    return min(best, three) if three >= need else best
+    two = 1 << (need - 1).bit_length()  # the smallest 2^a >= need
+    three = 3 << ((need - 1) // 3).bit_length()  # the smallest 3 * 2^a >= need
+    return min(two, three)
 
 
 def group_shape(B: int, H: int, rows_per_group: int) -> tuple[int, int]:
@@ -116,8 +116,6 @@ def fftconv_gated_(
     once per call, not once per batch row. Groups: see group_shape; scratch is about 16 n bytes
     per row of a group.
     """
-    from seqssm.ops.hyena_fused import fft_epilogue
-
     B, H, L = gate.shape
     if n < 2 * L - 1:
         raise ValueError(f"fftconv_gated_: transform length {n} < 2L - 1 = {2 * L - 1}")
