@@ -128,7 +128,7 @@ def generate_molecules(
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: off)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: smallest token set with this much probability (1: off)."),
     seed: int = typer.Option(0, "--seed", help="Random seed; same seed, batch size and device give the same molecules."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Molecules sampled at once. Default 4096 on GPU, 256 on CPU."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Molecules in progress at once (slots refilled as molecules end). Default 8192 on GPU, 256 on CPU."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
     valid_only: bool = typer.Option(False, "--valid-only", help="Write only molecules RDKit accepts."),
     unique: bool = typer.Option(False, "--unique", help="Write each molecule (canonical SMILES) once."),

@@ -1,7 +1,8 @@
 """`seqssm generate-molecules`, `score-molecules` and `evaluate-molecules`.
 
-generate: sample batches in recurrent mode on the device -> check and canonicalise every SMILES
-with RDKit -> keep what the filters ask for (--valid-only, --unique) until -n are collected ->
+generate: sample molecules in recurrent mode on the device (continuous batching: a slot takes the
+next molecule as soon as its own has ended; seqssm.chem.sampling) -> check and canonicalise every
+SMILES with RDKit -> keep what the filters ask for (--valid-only, --unique) until -n are collected ->
 write .smi / .csv / .sdf atomically -> summary (validity, uniqueness, novelty when the training
 set is known) and optionally a grid picture of molecules.
 """
@@ -134,14 +135,17 @@ def run_generate(opts: GenerateOptions, console=None) -> GenerateSummary:
     device = resolve_device(opts.device)
     loaded = load_chem_model(opts.model, device=device)
     model, tok = loaded.model, loaded.tokenizer
-    batch_size = opts.batch_size or (4096 if device.type == "cuda" else 256)
+    batch_size = opts.batch_size or (8192 if device.type == "cuda" else 256)
     if batch_size < 1:
         raise SeqssmError(f"--batch-size must be at least 1, not {batch_size}")
-    batch_size = min(batch_size, max(opts.n, 1)) if not (opts.valid_only or opts.unique) else batch_size
+    filtered = opts.valid_only or opts.unique
+    batch_size = min(batch_size, max(opts.n, 1)) if not filtered else batch_size
     sampler = make_sampler(model, batch_size, device=device, temperature=opts.temperature, top_k=opts.top_k,
                            top_p=opts.top_p, fast=opts.fast)
     model.setup_step()  # discretise once, outside the timed sampling
     max_batches = opts.max_batches or max(20, 20 * -(-opts.n // batch_size))
+    max_samples = max_batches * batch_size  # the limit counts batches' worth of molecules
+    per_call = 32 * batch_size  # a call's slots drain at its end: long calls, but a bounded wait for the progress bar
 
     rows: list[dict] = []
     seen: set[str] = set()
@@ -149,16 +153,21 @@ def run_generate(opts: GenerateOptions, console=None) -> GenerateSummary:
     valid_canon: set[str] = set()
     sampling_s = 0.0
     with BasesProgress(opts.n, "generate", unit="mol", quiet=opts.quiet) as bar:
-        b = 0
+        call = 0
         while len(rows) < opts.n:
-            if b >= max_batches:
+            if stats["sampled"] >= max_samples:
                 raise SeqssmError(
-                    f"only {len(rows):,} of {opts.n:,} molecules passed the filters after {b} batches "
-                    f"({stats['sampled']:,} samples); relax --valid-only/--unique or raise --max-batches")
+                    f"only {len(rows):,} of {opts.n:,} molecules passed the filters after "
+                    f"{stats['sampled']:,} samples ({-(-stats['sampled'] // batch_size)} batches' worth); "
+                    "relax --valid-only/--unique or raise --max-batches")
+            need = opts.n - len(rows)
+            # with filters, at least a batch's worth, as a fixed batch drew; the molecules come in start
+            # order, so taking the first ones that pass is an unbiased choice
+            want = min(max(need, batch_size) if filtered else need, per_call, max_samples - stats["sampled"])
             ts = time.perf_counter()
-            batch = sampler(batch_generator(opts.seed, b, device))
+            batch = sampler(want, batch_generator(opts.seed, call, device))
             sampling_s += time.perf_counter() - ts
-            b += 1
+            call += 1
             smiles = tok.decode_batch(batch.tokens)
             canon = canonicalize_many(smiles, n_jobs=opts.n_jobs)
             added = 0

@@ -1,17 +1,29 @@
 """Sampling SMILES from a chemical LM in recurrent mode, and scoring SMILES under it.
 
+Continuous batching: ``batch_size`` slots each carry one molecule in progress, with its own
+position. The recurrent steps run ``chunk`` at a time for all slots together; between chunks
+(where the host looks once) the molecules that ended (eos, or max_len - 1 tokens drawn) are
+filed under their id and their slots restart with the next molecules, until a call's ``n``
+molecules have all been started and have all ended. A molecule that ends inside a chunk idles
+(draws padding) until the chunk is over. So a slot is busy for a molecule's own length plus less
+than a chunk, not for the longest molecule of a fixed batch.
+
+Ids are given in start order (by chunk, then slot), and the returned molecules are in id order:
+which molecule gets an id does not depend on what it turns out to be, so any prefix of a call's
+output is an unbiased sample (harvest order would favour short molecules).
+
 Sampling is Gumbel-max over (temperature-scaled, top-k / top-p filtered) logits, which draws
-exactly from the filtered softmax; the uniform noise of every step comes from a generator seeded
-by (seed, batch number), so a run is reproducible for a given seed, batch size and device.
-Everything stays on the device: tokens, the finished mask and log-likelihoods are device
-tensors, and the host looks only every ``check_every`` steps whether the whole batch has
-ended (one synchronisation per chunk, none per step).
+exactly from the filtered softmax. The uniform noise is one ``torch.rand(chunk, batch_size,
+vocab)`` per chunk from the call's generator, so a call is reproducible for a given seed, batch
+size, chunk and device; slot b at step j of a chunk uses noise[j, b]. Everything stays on the
+device: tokens, positions, the finished mask and log-likelihoods are device tensors.
 
 The reported log-likelihood of a sample is log p(tokens, eos) under the model itself
 (temperature 1, no filtering): the score ``score-molecules`` gives the same string.
 
-Two step implementations share this loop: the model's own ``step()`` (the reference) and, on
-CUDA, a CUDA-graph replay of ``check_every`` steps (``FastSampler``), checked against it.
+Two implementations of the same loop: ``sample_refill_reference`` (the model's own ``step()``,
+eager; the CPU sampler) and, on CUDA, ``FastSampler`` (the chunk's steps replayed from one CUDA
+graph), checked against it.
 """
 
 from __future__ import annotations
@@ -27,10 +39,17 @@ from seqssm.errors import SeqssmError
 
 @dataclass
 class SampleBatch:
-    tokens: torch.Tensor  # [B, T] int64 on CPU, pad after eos
-    log_likelihood: torch.Tensor  # [B] float64
-    ended: torch.Tensor  # [B] bool: produced eos within max_len
-    steps: int  # recurrent steps run for this batch
+    tokens: torch.Tensor  # [n, T] int64 on CPU, pad after eos (T: the longest molecule returned)
+    log_likelihood: torch.Tensor  # [n] float64
+    ended: torch.Tensor  # [n] bool: produced eos within max_len
+    steps: int  # recurrent steps run by the call (all slots at once)
+    lengths: torch.Tensor | None = None  # [n] int64: tokens drawn, eos included
+    slots: int = 0  # the batch size (slots) that ran them
+
+    @property
+    def utilisation(self) -> float:
+        """Slot-steps that drew a token of a returned molecule / all slot-steps run."""
+        return float(self.lengths.sum()) / max(1, self.steps * self.slots)
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
@@ -65,6 +84,7 @@ def gumbel_pick(filtered: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 
 def batch_generator(seed: int, batch_no: int, device: torch.device) -> torch.Generator:
+    """The noise generator of sampling call ``batch_no``: a pure function of (seed, call)."""
     g = torch.Generator(device=device)
     g.manual_seed((int(seed) * 1_000_003 + int(batch_no) * 7919 + 12345) % (2**63 - 1))
     return g
@@ -86,36 +106,156 @@ def _advance(logits, tok_prev_done, uniform, *, temperature, top_k, top_p, eos_i
     return nxt, lp, done | (nxt == eos_id)
 
 
+class _Slots:
+    """What the slots hold between steps: device tensors, updated in place when ``static`` (the
+    CUDA-graph buffers); ``state`` is the model's step state for all slots."""
+
+    def __init__(self, model, batch_size: int, state: list, *, device, static: bool):
+        cfg, B = model.cfg, batch_size
+        self.T = cfg.max_len - 1  # tokens a molecule may draw
+        self.state, self.static = state, static
+        self.tok = torch.full((B,), cfg.pad_id, dtype=torch.long, device=device)  # the next step's input
+        self.fin = torch.ones(B, dtype=torch.bool, device=device)  # finished: draws padding, nothing else
+        self.eos = torch.zeros(B, dtype=torch.bool, device=device)  # drew eos
+        self.ll = torch.zeros(B, dtype=torch.float64, device=device)
+        self.pos = torch.zeros(B, dtype=torch.long, device=device)  # tokens drawn
+        # column T takes the padding a finished full-length row writes at its position
+        self.out = torch.full((B, self.T + 1), cfg.pad_id, dtype=torch.long, device=device)
+        self.mol = torch.zeros(B, dtype=torch.long, device=device)  # id of the slot's molecule
+        self.active = torch.zeros(B, dtype=torch.bool, device=device)  # holds a molecule of this call
+
+    def clear(self) -> None:
+        """No molecule anywhere: every slot is free at the first boundary."""
+        self.active.zero_()
+        self.fin.fill_(True)
+
+
+class _Results:
+    """Finished molecules filed by id on the device (row n takes what is not a harvest)."""
+
+    def __init__(self, n: int, T: int, cfg, device):
+        dt = torch.int16 if cfg.vocab_size <= 2**15 else torch.int32  # a quarter of the bytes of int64
+        self.n = n
+        self.tokens = torch.full((n + 1, T), cfg.pad_id, dtype=dt, device=device)
+        self.ll = torch.zeros(n + 1, dtype=torch.float64, device=device)
+        self.eos = torch.zeros(n + 1, dtype=torch.bool, device=device)
+        self.len = torch.zeros(n + 1, dtype=torch.long, device=device)
+        self.next = torch.zeros((), dtype=torch.long, device=device)  # id the next started molecule gets
+
+    def batch(self, steps: int, slots: int) -> SampleBatch:
+        n = self.n
+        lengths = self.len[:n].cpu()
+        width = max(1, int(lengths.max())) if n else 1
+        return SampleBatch(self.tokens[:n, :width].long().cpu(), self.ll[:n].cpu(), self.eos[:n].cpu(), steps,
+                           lengths, slots)
+
+
+def draw_noise(buf: torch.Tensor, generator: torch.Generator) -> None:
+    """A chunk's uniform noise [chunk, B, V], drawn the same way by both samplers."""
+    torch.rand(buf.shape, generator=generator, device=buf.device, dtype=buf.dtype, out=buf)
+
+
+def _slot_step(model, s: _Slots, noise: torch.Tensor, kw: dict) -> None:
+    """One recurrent step of every slot: nothing here reads a host value (it is graph-captured)."""
+    logits, state = model.step(s.tok, s.state)
+    if s.static:
+        _copy_state(s.state, state)
+    else:
+        s.state = state
+    nxt, lp, fin = _advance(logits.float(), s.fin, noise, **kw)  # finished rows: padding, 0
+    s.out.scatter_(1, s.pos[:, None], nxt[:, None])
+    s.ll.add_(lp.double())
+    s.eos.logical_or_(nxt == kw["eos_id"])
+    s.pos.add_((~s.fin).long())
+    torch.logical_or(fin, s.pos >= s.T, out=s.fin)
+    s.tok.copy_(nxt)
+
+
+def _boundary(s: _Slots, r: _Results, cfg) -> bool:
+    """Between chunks: file the molecules that ended under their ids, start the next ids in the
+    freed slots (lowest slot first), and say whether any slot still holds a molecule."""
+    n = r.n
+    harv = s.fin & s.active
+    dst = torch.where(harv, s.mol, n)
+    r.tokens.index_copy_(0, dst, s.out[:, :s.T].to(r.tokens.dtype))
+    r.ll.index_copy_(0, dst, s.ll)
+    r.eos.index_copy_(0, dst, s.eos)
+    r.len.index_copy_(0, dst, s.pos)
+    free = harv | ~s.active
+    new = r.next + torch.cumsum(free, 0) - 1
+    start = free & (new < n)
+    s.mol.copy_(torch.where(start, new, s.mol))
+    s.active.copy_(torch.where(free, start, s.active))
+    r.next.add_(start.sum())
+    if not bool(s.active.any()):  # the host looks here (and at the freed rows below), once per chunk
+        return False
+    _zero_state_rows(s.state, free.nonzero()[:, 0])  # indices: only the freed rows are written
+    s.tok.masked_fill_(free, cfg.bos_id)
+    s.ll.masked_fill_(free, 0.0)
+    s.pos.masked_fill_(free, 0)
+    s.eos.masked_fill_(free, False)
+    s.fin.copy_(torch.where(free, ~start, s.fin))  # freed but not restarted: idle for good
+    s.out.masked_fill_(free[:, None], cfg.pad_id)
+    return True
+
+
+def _zero_state_rows(state, rows: torch.Tensor) -> None:
+    from seqssm.layers.s4 import KernelHistory
+
+    for st in state:
+        if isinstance(st, KernelHistory):
+            st.restart_rows(rows)
+        else:
+            st.index_fill_(0, rows, 0)
+
+
+def _tensors(state):
+    if isinstance(state, torch.Tensor):
+        return [state]
+    out = []
+    for s in state:
+        out.extend(_tensors(s))
+    return out
+
+
+def _copy_state(dst, src) -> None:
+    """Write a step's new state into the static buffers (a no-op where the step worked in place)."""
+    for d, s in zip(_tensors(dst), _tensors(src)):
+        if d.data_ptr() != s.data_ptr():
+            d.copy_(s)
+
+
+def _advance_kw(cfg, temperature: float, top_k: int, top_p: float) -> dict:
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
+                bos_id=cfg.bos_id)
+
+
 @torch.no_grad()
-def sample_batch_reference(model, batch_size: int, *, max_len: int, temperature: float = 1.0, top_k: int = 0,
-                           top_p: float = 1.0, generator: torch.Generator, device: torch.device,
-                           check_every: int = 8, state_mode: str = "recurrent") -> SampleBatch:
-    """Sample ``batch_size`` sequences with the model's own ``step()`` (the reference path).
+def sample_refill_reference(model, n: int, batch_size: int, *, temperature: float = 1.0, top_k: int = 0,
+                            top_p: float = 1.0, generator: torch.Generator, device, chunk: int = 2,
+                            state_mode: str = "recurrent") -> SampleBatch:
+    """``n`` molecules from ``batch_size`` refilled slots with the model's own eager ``step()``
+    (the plain twin of ``FastSampler``; see the module docstring for the schedule).
 
     ``state_mode``: "recurrent" (SSM states) or "history" (the convolution-history step: the same
     outputs, cheaper on a CPU)."""
+    if n < 0 or batch_size < 1 or chunk < 1:
+        raise ValueError(f"need n >= 0, batch_size >= 1, chunk >= 1; got {n}, {batch_size}, {chunk}")
+    device = torch.device(device)
     cfg = model.cfg
     model.setup_step()
-    state = model.default_state(batch_size, device=device, mode=state_mode)
-    tok = torch.full((batch_size,), cfg.bos_id, dtype=torch.long, device=device)
-    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    ll = torch.zeros(batch_size, dtype=torch.float64, device=device)
-    out = torch.full((batch_size, max_len - 1), cfg.pad_id, dtype=torch.long, device=device)
-    vocab = cfg.vocab_size
+    s = _Slots(model, batch_size, model.default_state(batch_size, device=device, mode=state_mode), device=device,
+               static=False)
+    r = _Results(n, s.T, cfg, device)
+    kw = _advance_kw(cfg, temperature, top_k, top_p)
+    noise = torch.empty(chunk, batch_size, cfg.vocab_size, device=device)
     steps = 0
-    total = max_len - 1
-    for t in range(total):
-        if t % check_every == 0:  # noise is drawn a chunk at a time, as the CUDA-graph sampler does
-            noise = torch.rand(min(check_every, total - t), batch_size, vocab, generator=generator, device=device)
-        logits, state = model.step(tok, state)
-        tok, lp, done = _advance(logits, done, noise[t % check_every], temperature=temperature, top_k=top_k,
-                                 top_p=top_p, eos_id=cfg.eos_id, pad_id=cfg.pad_id, bos_id=cfg.bos_id)
-        out[:, t] = tok
-        ll += lp.double()
-        steps = t + 1
-        if (t + 1) % check_every == 0 and bool(done.all()):
-            break
-    return SampleBatch(out[:, :steps].cpu(), ll.cpu(), done.cpu(), steps)
+    while _boundary(s, r, cfg):
+        draw_noise(noise, generator)
+        for j in range(chunk):
+            _slot_step(model, s, noise[j], kw)
+        steps += chunk
+    return r.batch(steps, batch_size)
 
 
 @torch.no_grad()
@@ -135,26 +275,26 @@ def score_smiles(model, tokenizer, smiles: list[str], *, device: torch.device, b
 
 
 class ReferenceSampler:
-    """Draws one batch per call with the model's own ``step()``; on a CPU by default with the
-    convolution-history state (the recurrence's equal, at a fraction of the memory traffic)."""
+    """``sampler(n, generator)``: n molecules with the model's own ``step()``; on a CPU by default
+    with the convolution-history state (the recurrence's equal, at a fraction of the memory traffic)."""
 
     def __init__(self, model, batch_size: int, *, device, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, check_every: int = 8, state_mode: str | None = None):
+                 top_p: float = 1.0, chunk: int = 2, state_mode: str | None = None):
         self.model, self.batch_size, self.device = model, batch_size, torch.device(device)
         if state_mode is None:
             state_mode = "history" if self.device.type == "cpu" and model.cfg.max_len <= 256 else "recurrent"
         self.name = "convolution-history step (torch)" if state_mode == "history" else "recurrent step (torch)"
-        self.kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, check_every=check_every,
-                       state_mode=state_mode)
+        self.kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, chunk=chunk, state_mode=state_mode)
 
-    def __call__(self, generator: torch.Generator) -> SampleBatch:
-        return sample_batch_reference(self.model, self.batch_size, max_len=self.model.cfg.max_len,
-                                      generator=generator, device=self.device, **self.kw)
+    def __call__(self, n: int, generator: torch.Generator) -> SampleBatch:
+        return sample_refill_reference(self.model, n, self.batch_size, generator=generator, device=self.device,
+                                       **self.kw)
 
 
 def make_sampler(model, batch_size: int, *, device, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  fast: str = "auto"):
-    """The CUDA-graph sampler on CUDA (``fast`` auto/on), else the reference one."""
+    """The CUDA-graph sampler on CUDA (``fast`` auto/on), else the reference one; both are called
+    as ``sampler(n, generator)``."""
     device = torch.device(device)
     if fast not in ("auto", "on", "off"):
         raise SeqssmError(f"--fast must be auto, on or off, not {fast!r}")

@@ -90,15 +90,43 @@ def _drop_step_cache(module: "S4Layer", incompatible_keys) -> None:
     module._step_cache = None
 
 
+HISTORY_BLOCK = 8  # steps whose outputs from earlier inputs one batched GEMM per layer gives at once
+
+
 @dataclass
 class KernelHistory:
-    """State of the convolution-history step: the layer's inputs so far, [B, l_max, H] float32,
-    and the position of the next one. y_t = sum_{s<=t} K[t-s] u_s is the same output the
-    recurrence gives (K is its impulse response), at t multiply-adds per channel instead of a
-    pass over the N/2 complex states: much cheaper on a CPU for SMILES-length sequences."""
+    """State of the convolution-history step: y_t = sum_{s<=t} K[t-s] u_s over the layer's inputs
+    so far is the output the recurrence gives (K is its impulse response), at t multiply-adds per
+    channel instead of a pass over the N/2 complex states: much cheaper on a CPU for
+    SMILES-length sequences.
+
+    ``hist`` [H, R, B] float32 holds the inputs by step (a ring of R >= l_max steps, R a multiple
+    of the block); ``pre`` [H, HISTORY_BLOCK, B] the current block's outputs from the inputs
+    before the block, computed at its first step with one GEMM per channel, so each step itself
+    only sums over the block's own inputs (reading the whole history every step cost as much as
+    the step's matmuls).
+
+    Rows may start over at different steps (continuous batching, ``restart_rows``): then ``t``
+    is a clock shared by all rows, and a restarted row's entries before its start are zero, so
+    the same sums over the shared clock give each row its own sequence's output. ``start`` ([B]
+    clock of each row's first input) and ``oldest`` (its minimum: how far back the sums must
+    reach) exist only once a row has been restarted."""
 
     hist: torch.Tensor
+    pre: torch.Tensor
     t: int = 0
+    start: torch.Tensor | None = None
+    oldest: int = 0
+
+    def restart_rows(self, rows: torch.Tensor) -> None:
+        """Rows (indices) start a new sequence at the next step."""
+        if self.start is None:
+            self.start = torch.zeros(self.hist.shape[-1], dtype=torch.long, device=self.hist.device)
+        keep = torch.ones(self.hist.shape[-1], device=self.hist.device).index_fill_(0, rows, 0.0)
+        self.hist.mul_(keep)  # (rows are the last dimension: a masked multiply beats a strided fill)
+        self.pre.mul_(keep)
+        self.start.index_fill_(0, rows, self.t)
+        self.oldest = int(self.start.min())
 
 
 class S4Layer(nn.Module):
@@ -294,27 +322,52 @@ class S4Layer(nn.Module):
         """Zero state for the convolution-history step (needs l_max)."""
         if self.l_max is None:
             raise ValueError("the convolution-history step needs a layer built with l_max")
-        return KernelHistory(torch.zeros(batch, self.l_max, self.H, device=device or self.D.device))
+        P = HISTORY_BLOCK
+        ring = -(-self.l_max // P) * P
+        device = device or self.D.device
+        return KernelHistory(torch.zeros(self.H, ring, batch, device=device),
+                             torch.zeros(self.H, P, batch, device=device))
 
     @torch.no_grad()
-    def _flipped_kernel(self) -> torch.Tensor:
-        """K(l_max) reversed in time, [l_max, H] float32; cached like the recurrence."""
+    def _history_kernel(self) -> torch.Tensor:
+        """K(l_max) as [H, l_max + HISTORY_BLOCK] float32, zero beyond l_max; cached like the recurrence."""
         key = ("history", self._step_key())
         cache = getattr(self, "_history_cache", None)
         if self.training or cache is None or cache[0] != key:
-            cache = (key, self.kernel(self.l_max).float().flip(-1).t().contiguous())  # [l_max, H]
+            cache = (key, F.pad(self.kernel(self.l_max).float(), (0, HISTORY_BLOCK)).contiguous())
             self._history_cache = cache
         return cache[1]
 
     def _history_step(self, u: torch.Tensor, state: KernelHistory) -> torch.Tensor:
-        t = state.t
-        if t >= self.l_max:
-            raise ValueError(f"step {t + 1} exceeds this S4 layer's l_max {self.l_max}")
-        state.hist[:, t] = u
-        k = self._flipped_kernel()[self.l_max - 1 - t:]  # [t+1, H]: K[t], ..., K[0]
+        t, L, P = state.t, self.l_max, HISTORY_BLOCK
+        R = state.hist.shape[1]
+        if state.start is None and t >= L:  # every row started at clock 0
+            raise ValueError(f"step {t + 1} exceeds this S4 layer's l_max {L}")
+        K = self._history_kernel()  # [H, L + P]
+        j = t % P
+        c0 = t - j
+        if j == 0:  # a new block: its outputs from everything before it, for all P steps at once
+            # back to the oldest row's first input; a row older than l_max steps has finished
+            lo = 0 if state.start is None else max(state.oldest, c0 - L + 1)
+            W = c0 - lo
+            if W > 0:
+                ar = torch.arange(P, device=K.device)[:, None] - torch.arange(W, device=K.device)[None, :]
+                kt = K[:, W + ar]  # [H, P, W]: K[c0 + j - s] for s = lo .. c0-1 (zero past l_max)
+                a = lo % R
+                if a + W <= R:
+                    torch.bmm(kt, state.hist[:, a:a + W], out=state.pre)
+                else:  # the ring wraps
+                    n1 = R - a
+                    torch.bmm(kt[:, :, :n1], state.hist[:, a:], out=state.pre)
+                    state.pre.baddbmm_(kt[:, :, n1:], state.hist[:, :W - n1])
+            else:
+                state.pre.zero_()
+        slot = t % R  # the block never straddles the ring's end: R and c0 are multiples of P
+        state.hist[:, slot].copy_(u.t())
+        k = K[:, :j + 1].flip(-1)  # K[j], ..., K[0] for s = c0 .. t
+        y = state.pre[:, j] + (state.hist[:, slot - j:slot + 1] * k[:, :, None]).sum(1)
         state.t = t + 1
-        # a multiply and a sum over s, contiguous in h (einsum would batch a GEMM per channel)
-        return (state.hist[:, : t + 1] * k).sum(1)
+        return y.t()
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One time step: x [B, H], state [B, H, M] -> (y [B, H], new state). Not differentiable

@@ -137,8 +137,14 @@ def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t.to(torch.complex64).contiguous())
 
 
-def fused_step(rec, u: torch.Tensor, state: torch.Tensor, *, rows: int = 32, block_h: int | None = None,
-               pairs: bool = True) -> torch.Tensor:
+# One program's tile per state storage: channels x state size (`elems`), batch rows, warps. The
+# fastest of those tried on an H100 at batch 16,384 with the bundled chemical LM (state size 32;
+# benchmarks/bench_s4_step.py, docs/BENCHMARKS.md). Few warps: each thread keeps more state in flight.
+TILES = {"float16": dict(elems=128, rows=64, num_warps=2), "complex64": dict(elems=256, rows=32, num_warps=4)}
+
+
+def fused_step(rec, u: torch.Tensor, state: torch.Tensor, *, rows: int | None = None, block_h: int | None = None,
+               num_warps: int | None = None, pairs: bool = True) -> torch.Tensor:
     """y [B, H] float32 of one step; ``state`` (complex64 [B, H, M], or float16 pairs [B, H, M, 2]; contiguous)
     is updated in place (half-precision states are computed in float32 and rounded on store).
 
@@ -158,18 +164,21 @@ def fused_step(rec, u: torch.Tensor, state: torch.Tensor, *, rows: int = 32, blo
     u = u.float().contiguous()
     y = torch.empty(Bsz, H, device=state.device, dtype=torch.float32)
     # A few channels per program: the 7 parameter tiles stay in registers (no spills) and are
-    # reused for `rows` batch rows; the state moves as contiguous (re, im) pairs. 8 channels x 32
-    # rows was the fastest of the settings tried on an H100 (docs/BENCHMARKS.md).
-    block_h = block_h or max(1, 256 // M)
+    # reused for `rows` batch rows; the state moves as contiguous (re, im) pairs.
+    tile = TILES["float16" if is_half_state(state) else "complex64"]
+    block_h = block_h or max(1, tile["elems"] // M)
+    rows = rows or tile["rows"]
+    num_warps = num_warps or tile["num_warps"]
     grid = (triton_cdiv(Bsz, rows), triton_cdiv(H, block_h))
     diag_kernel, dplr_kernel = _kernels()
     t = {k: _real(v) for k, v in rec.tensors().items()}
     if rec.kind == "diag":
         a, b, c = (t[k] for k in _diag_names(t))
-        diag_kernel[grid](x, u, a, b, c, y, Bsz, H, M=M, BLOCK_H=block_h, ROWS=rows, PAIRS=pairs)
+        diag_kernel[grid](x, u, a, b, c, y, Bsz, H, M=M, BLOCK_H=block_h, ROWS=rows, PAIRS=pairs,
+                          num_warps=num_warps)
     else:
         dplr_kernel[grid](x, u, t["F"], t["P1"], t["Q"], t["B1"], t["E"], t["P2"], t["C"], y, Bsz, H, M=M,
-                          BLOCK_H=block_h, ROWS=rows, PAIRS=pairs)
+                          BLOCK_H=block_h, ROWS=rows, PAIRS=pairs, num_warps=num_warps)
     return y
 
 
