@@ -139,8 +139,8 @@ def _real(t: torch.Tensor) -> torch.Tensor:
 
 # One program's tile per state storage: channels x state size (`elems`), batch rows, warps. The
 # fastest of those tried on an H100 at batch 16,384 with the bundled chemical LM (state size 32;
-# benchmarks/bench_s4_step.py, docs/BENCHMARKS.md). Few warps: each thread keeps more state in flight.
-TILES = {"float16": dict(elems=128, rows=64, num_warps=2), "complex64": dict(elems=256, rows=32, num_warps=4)}
+# benchmarks/bench_s4_step.py, docs/BENCHMARKS.md). One warp: each thread keeps more state in flight.
+TILES = {"float16": dict(elems=128, rows=128, num_warps=1), "complex64": dict(elems=256, rows=32, num_warps=1)}
 
 
 def fused_step(rec, u: torch.Tensor, state: torch.Tensor, *, rows: int | None = None, block_h: int | None = None,
