@@ -232,7 +232,7 @@ def _advance_kw(cfg, temperature: float, top_k: int, top_p: float) -> dict:
 
 @torch.no_grad()
 def sample_refill_reference(model, n: int, batch_size: int, *, temperature: float = 1.0, top_k: int = 0,
-                            top_p: float = 1.0, generator: torch.Generator, device, chunk: int = 2,
+                            top_p: float = 1.0, generator: torch.Generator, device, chunk: int = 8,
                             state_mode: str = "recurrent") -> SampleBatch:
     """``n`` molecules from ``batch_size`` refilled slots with the model's own eager ``step()``
     (the plain twin of ``FastSampler``; see the module docstring for the schedule).
@@ -279,8 +279,10 @@ class ReferenceSampler:
     with the convolution-history state (the recurrence's equal, at a fraction of the memory traffic)."""
 
     def __init__(self, model, batch_size: int, *, device, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, chunk: int = 2, state_mode: str | None = None):
+                 top_p: float = 1.0, chunk: int | None = None, state_mode: str | None = None):
         self.model, self.batch_size, self.device = model, batch_size, torch.device(device)
+        if chunk is None:  # the fastest measured: 8 on a 2-core CPU (boundaries cost), 2 on an H100 (idle slots cost)
+            chunk = 2 if self.device.type == "cuda" else 8
         if state_mode is None:
             state_mode = "history" if self.device.type == "cpu" and model.cfg.max_len <= 256 else "recurrent"
         self.name = "convolution-history step (torch)" if state_mode == "history" else "recurrent step (torch)"
