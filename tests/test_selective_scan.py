@@ -213,6 +213,24 @@ def test_kernel_without_initial_state_plus_linearity_equals_the_scan():
         assert rel(got, out) <= 1e-5 and rel(got_last, last) <= 1e-5
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,dim,L,N", [(2, 96, 5000, 16), (1, 33, 77, 4), (3, 512, 131072 // 8, 16)])
+def test_fused_initial_state_response_matches_the_chunked_one(batch, dim, L, N):
+    """The Triton initial-state response (stream mode on CUDA) against the chunked torch one, with
+    decays from negligible to complete inside the window."""
+    pytest.importorskip("triton")
+    from seqssm.ops.selective_scan import _initial_state_response, _initial_state_response_fused
+
+    g = torch.Generator(device="cuda").manual_seed(batch * dim + L)
+    delta = torch.rand(batch, dim, L, device="cuda", generator=g) * 0.05
+    A = -torch.exp(torch.randn(dim, N, device="cuda", generator=g) * 2)  # |A| from ~0.02 to ~50
+    C = torch.randn(batch, N, L, device="cuda", generator=g)
+    h0 = torch.randn(batch, dim, N, device="cuda", generator=g)
+    y_ref, h_ref = _initial_state_response(delta, A, C, h0, 1024)
+    y, h = _initial_state_response_fused(delta, A, C, h0)
+    assert rel(y, y_ref) <= 1e-5 and rel(h, h_ref) <= 1e-5
+
+
 def test_dispatch_on_cpu():
     args, kw, h0 = make(seed=31)
     assert scan_backend("auto", args[0]) == "torch"

@@ -362,6 +362,57 @@ def _initial_state_response(delta, A, C, h0, chunk: int):
     return torch.cat(ys, dim=-1), h
 
 
+@functools.cache
+def _h0_kernel():
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:
+        return None
+
+    @triton.jit
+    def h0_response_kernel(S_ptr, A_ptr, C_ptr, H_ptr, Y_ptr, dim, L, N: tl.constexpr, BD: tl.constexpr,
+                           BT: tl.constexpr):
+        b = tl.program_id(0)
+        d = tl.program_id(1) * BD + tl.arange(0, BD)
+        t = tl.program_id(2) * BT + tl.arange(0, BT)
+        md = d < dim
+        mt = t < L
+        m = md[:, None] & mt[None, :]
+        row = (b * dim + d).to(tl.int64)
+        S = tl.load(S_ptr + row[:, None] * L + t[None, :], mask=m, other=0.0)
+        acc = tl.zeros((BD, BT), dtype=tl.float32)
+        for n in range(N):
+            a = tl.load(A_ptr + d * N + n, mask=md, other=0.0)
+            h = tl.load(H_ptr + row * N + n, mask=md, other=0.0)
+            c = tl.load(C_ptr + (b * N + n).to(tl.int64) * L + t, mask=mt, other=0.0)
+            acc += (h[:, None] * c[None, :]) * tl.exp(a[:, None] * S)
+        tl.store(Y_ptr + row[:, None] * L + t[None, :], acc, mask=m)
+
+    return h0_response_kernel
+
+
+def _initial_state_response_fused(delta, A, C, h0):
+    """`_initial_state_response` in one Triton kernel (CUDA; C of one group, [batch, N, L]).
+
+    With no input the state is h[t] = exp(A * S[t]) * h0, S = cumsum(delta), so every position is
+    independent once S is known: y0[t] = sum_n C[n, t] h0[n] exp(A[n] S[t]) is computed in
+    registers, reading S and C once, instead of materialising [batch, dim, L, N] in chunks."""
+    batch, dim, L = delta.shape
+    N = A.shape[1]
+    S = torch.cumsum(delta.float(), dim=-1)
+    A32, h = A.float().contiguous(), h0.float().contiguous()
+    y0 = torch.empty_like(S)
+    BD, BT = 16, 256
+    grid = (batch, -(-dim // BD), -(-L // BT))
+    _h0_kernel()[grid](S, A32, C.float().contiguous(), h, y0, dim, L, N=N, BD=BD, BT=BT, num_warps=4)
+    return y0, torch.exp(A32 * S[..., -1:]) * h
+
+
+def _can_fuse_h0(delta, C) -> bool:
+    return delta.is_cuda and C.dim() == 3 and _h0_kernel() is not None
+
+
 def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
     """mamba-ssm's scan loads 16 bytes at a time when the length allows it, so a view starting
     mid-row (the convolution output after its W-1 warm-up positions are dropped, in stream mode)
@@ -385,11 +436,14 @@ def _scan_with_kernel(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplu
     out, last = res
     d = _prepare_delta(delta, delta_bias, delta_softplus)
     batch, dim, L = u.shape
-    # [batch, dim, chunk, dstate] intermediates of about 64M numbers on a GPU (256 MB), 1M elsewhere
-    if chunk is None:
-        budget = (1 << 26) if u.is_cuda else _CHUNK_ELEMENTS
-        chunk = max(1, min(L, budget // max(1, batch * dim * A.shape[1])))
-    y0, h0_end = _initial_state_response(d, A.float(), C, initial_state, chunk)
+    if chunk is None and _can_fuse_h0(d, C):
+        y0, h0_end = _initial_state_response_fused(d, A, C, initial_state)
+    else:
+        # [batch, dim, chunk, dstate] intermediates of about 64M numbers on a GPU (256 MB), 1M elsewhere
+        if chunk is None:
+            budget = (1 << 26) if u.is_cuda else _CHUNK_ELEMENTS
+            chunk = max(1, min(L, budget // max(1, batch * dim * A.shape[1])))
+        y0, h0_end = _initial_state_response(d, A.float(), C, initial_state, chunk)
     if z is not None:
         y0 = y0 * F.silu(z.float())
     out = (out.float() + y0).to(out.dtype)
