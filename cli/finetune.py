@@ -70,10 +70,10 @@ def finetune(
     valid_regions: Optional[List[str]] = typer.Option(
         None, "--valid-regions", help="Validation ranges chrom:start-end (1-based, inclusive; repeatable or ';'-separated) for --split region."),
     test_regions: Optional[List[str]] = typer.Option(None, "--test-regions", help="Test ranges, as --valid-regions."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Backbone: bundled name, seqssm model dir or HuggingFace HyenaDNA dir. Default hyenadna-small-chr20."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Backbone: bundled name (e.g. caduceus-ps-chr20), seqssm model dir, or HuggingFace HyenaDNA / Caduceus dir. Default hyenadna-small-chr20."),
     from_scratch: bool = typer.Option(False, "--from-scratch", help="The --model architecture, randomly initialised (a baseline)."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the head only (linear probe)."),
-    pooling: Optional[str] = typer.Option(None, "--pooling", help="mean (default), last, or both (mean over both strands)."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="mean (default), last, or both (mean over both strands; for Caduceus-PS, which is strand-invariant already, the same as mean)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs. Default 10."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Sequences per step. Default 32."),
     eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", help="Sequences per evaluation batch. Default 2 x --batch-size."),
@@ -101,7 +101,7 @@ def finetune(
         None, "--max-steps-this-run", help="Stop cleanly (checkpoint saved) after this many steps; continue with --resume."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, log lines or summary."),
 ) -> None:
-    """Fine-tune a HyenaDNA model on labeled regions or sequences (classification, multi-label, regression).
+    """Fine-tune a HyenaDNA or Caduceus / Mamba model on labeled regions or sequences (classification, multi-label, regression).
 
     Metrics on the validation split every epoch and on the test split at the end go to
     OUTPUT/metrics.json, with learning curves and ROC (or regression) plots; the best epoch's model

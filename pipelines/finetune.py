@@ -1,4 +1,9 @@
-"""`seqssm finetune`: labeled sequences -> train/valid/test split -> a fine-tuned HyenaDNA classifier.
+"""`seqssm finetune`: labeled sequences -> train/valid/test split -> a fine-tuned classifier.
+
+Backbones: anything `load_model` reads, HyenaDNA or Caduceus / Mamba (Caduceus-PS, -Ph, causal
+Mamba; e.g. the bundled caduceus-ps-chr20); seqssm.models.heads says how each is pooled and how
+padded batches stay exact. HyenaDNA inputs are bounded by its filter length; Caduceus has no
+positional limit.
 
 Inputs: BED regions on a genome (``regions`` + ``genome``), a sequence table (CSV/TSV) or a
 labeled FASTA (``sequences``), split at random (seeded, stratified), by chromosome or by region;
@@ -385,9 +390,10 @@ def _signature(parts: dict[str, ArrayData]) -> dict:
     return out
 
 
-def _check_lengths(parts: dict, max_len: int, kind: str) -> None:
+def _check_lengths(parts: dict, max_len: int | None, kind: str) -> None:
+    """Inputs longer than the model takes (None: no limit) are an error naming the line."""
     for key, (labeled, arr) in parts.items():
-        if labeled is None:
+        if labeled is None or max_len is None:
             continue
         for e in labeled.examples:
             if len(e.ids) > max_len:
@@ -480,7 +486,7 @@ def _fmt(v) -> str:
 
 
 def run_finetune(opts: FinetuneOptions, console=None) -> FinetuneSummary:
-    """Fine-tune (or continue fine-tuning) a HyenaDNA classifier; see the module docstring."""
+    """Fine-tune (or continue fine-tuning) a classifier on a DNA backbone; see the module docstring."""
     with session(opts.device, resolve_device) as dist:
         return _run_finetune(opts, console, dist)
 
@@ -493,8 +499,9 @@ def _find_run(out: Path, opts: FinetuneOptions):
 def _run_finetune(opts: FinetuneOptions, console, dist: Dist) -> FinetuneSummary:
     from rich.console import Console
 
-    from seqssm.models import HyenaDNAModel, count_parameters, load_model
-    from seqssm.models.heads import HeadConfig, SequenceClassifier
+    from seqssm.models import count_parameters, load_model
+    from seqssm.models.heads import HeadConfig, SequenceClassifier, lm_backbone, new_backbone
+    from seqssm.models.io import architecture_of
 
     t_start = time.monotonic()
     console = console or Console(stderr=True)
@@ -517,8 +524,9 @@ def _run_finetune(opts: FinetuneOptions, console, dist: Dist) -> FinetuneSummary
         # The backbone first (its maximum length bounds --length), then the data.
         loaded = load_model(d["model"], device="cpu")
         config = loaded.config
-        if d.get("length") is not None and int(d["length"]) > config.max_seq_len:
-            raise SeqssmError(f"--length {d['length']} exceeds the model's maximum length {config.max_seq_len}")
+        max_len = None if loaded.model_type == "caduceus" else int(loaded.max_length)  # Caduceus: no limit
+        if d.get("length") is not None and max_len is not None and int(d["length"]) > max_len:
+            raise SeqssmError(f"--length {d['length']} exceeds the model's maximum length {max_len}")
         split, kind, skipped, sources = _load_data(d)
         if split.dropped:
             skipped["in_no_split"] = dict(split.dropped)
@@ -543,26 +551,24 @@ def _run_finetune(opts: FinetuneOptions, console, dist: Dist) -> FinetuneSummary
         if saved is not None and saved.get("data_signature") != signature:
             raise SeqssmError("cannot resume: the data or its split differ from the run's (same files and split "
                               "options are needed); use --force to start over")
-        return loaded, config, split, kind, skipped, sources, train_l, valid_l, test_l, task, label_names, \
+        return loaded, config, max_len, split, kind, skipped, sources, train_l, valid_l, test_l, task, label_names, \
             train, valid, test, signature
 
-    (loaded, config, split, kind, skipped, sources, train_l, valid_l, test_l, task, label_names, train, valid, test,
-     signature) = dist.agree(load)
+    (loaded, config, max_len, split, kind, skipped, sources, train_l, valid_l, test_l, task, label_names, train, valid,
+     test, signature) = dist.agree(load)
 
     # The model.
-    _check_lengths({"train": (train_l, train), "valid": (valid_l, valid), "test": (test_l, test)},
-                   int(config.max_seq_len), kind)
+    _check_lengths({"train": (train_l, train), "valid": (valid_l, valid), "test": (test_l, test)}, max_len, kind)
     loss_fn = TaskLoss(task, train_l.n_outputs, train.targets, class_weights=cfg.class_weights)
     head_cfg = HeadConfig(task=task, n_outputs=train_l.n_outputs, pooling=cfg.pooling, label_names=label_names,
                           dropout=cfg.dropout, target_mean=loss_fn.mean, target_std=loss_fn.std)
     torch.manual_seed(cfg.seed)
-    if d.get("from_scratch"):
-        backbone = HyenaDNAModel(config)  # the same architecture, randomly initialised
-    else:
-        backbone = loaded.model.backbone
-    model = SequenceClassifier(config, head_cfg, backbone=backbone)
+    # --from-scratch: the same architecture, randomly initialised (and fed the same inputs: n_as_pad)
+    backbone = new_backbone(config) if d.get("from_scratch") else lm_backbone(loaded.model)
+    model = SequenceClassifier(config, head_cfg, backbone=backbone, n_as_pad=loaded.n_as_pad)
+    tokenizer = DNATokenizer(model_max_length=int(loaded.max_length))
     del loaded
-    tokenizer = DNATokenizer(model_max_length=int(config.max_seq_len))
+    architecture = architecture_of(config)
     n_params = count_parameters(model)
     n_trainable = count_parameters(model.head) if cfg.freeze_backbone else n_params
 
@@ -572,8 +578,9 @@ def _run_finetune(opts: FinetuneOptions, console, dist: Dist) -> FinetuneSummary
         "label_columns": list(d["label_columns"]) or None,
         "sequence_column": d.get("sequence_column"),
         "strand": "minus-strand BED regions are reverse-complemented" if kind == "bed" else None,
-        "tokens": "base ids only (no BOS/EOS), right-padded with PAD",
-        "max_length": int(config.max_seq_len),
+        "tokens": "base ids only (no BOS/EOS), right-padded with PAD" +
+                  ("; N fed as [PAD], as the backbone was pretrained" if model.n_as_pad else ""),
+        "max_length": max_len,
         "train_max_length": train.max_length,
         "rc_average": bool(cfg.rc_average),
         "task": task,
@@ -631,10 +638,14 @@ def _run_finetune(opts: FinetuneOptions, console, dist: Dist) -> FinetuneSummary
         display.log(f"resumed from {ckpt} (epoch {st['epoch']}, step {st['step']})")
     elif saved is not None:
         display.log("no checkpoint yet: starting from step 0")
-    display.log(f"model: {'randomly initialised ' if d.get('from_scratch') else ''}{d['model']} (d_model "
-                f"{config.d_model}, {config.n_layer} layers) + {cfg.pooling}-pooled linear head; "
+    display.log(f"model: {'randomly initialised ' if d.get('from_scratch') else ''}{d['model']}, {architecture}"
+                f" + {cfg.pooling}-pooled linear head; "
                 f"{n_trainable:,} of {n_params:,} parameters trained; device {_device_name(device, dist)}"
                 f"{' (bf16 autocast)' if device.type == 'cuda' else ''}")
+    if model.strand_invariant and (cfg.rc_average or cfg.rc_augment):
+        why = "--pooling both" if cfg.pooling == "both" else "a Caduceus-PS (RC-equivariant) with mean pooling"
+        display.log(f"note: {why} is strand-symmetric by construction: --rc-augment changes nothing but float "
+                    "rounding, and --rc-average is a no-op (not computed)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -675,8 +686,9 @@ def _run_finetune(opts: FinetuneOptions, console, dist: Dist) -> FinetuneSummary
                                 else "best epoch's model; forward strand")}
         _atomic_json(out / METRICS_FILE, final)
         info = {
-            "task": (f"fine-tuned HyenaDNA {task} classifier" if task != "regression"
-                     else "fine-tuned HyenaDNA regression"),
+            "task": (f"fine-tuned {architecture.split(' (')[0]} {task} classifier" if task != "regression"
+                     else f"fine-tuned {architecture.split(' (')[0]} regression"),
+            "architecture": architecture,
             "base_model": d["model"], "from_scratch": bool(d.get("from_scratch")),
             "label_names": label_names, "best_epoch": outcome.best_epoch, "selection_metric": trainer.metric,
             "valid": valid_m, "test": test_m, "split": split.description, "sizes": sizes, "sources": sources,

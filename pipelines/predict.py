@@ -1,5 +1,9 @@
 """`seqssm predict`: a fine-tuned model over regions (BED + genome), a sequence table or a FASTA.
 
+Any backbone `seqssm finetune` trains (HyenaDNA, Caduceus / Mamba): load_finetuned rebuilds it
+from the directory's config.json. Sequences are batched by length, right-padded (exact: each
+output is that of the sequence alone, see seqssm.models.heads).
+
 Writes one row per input with its name and coordinates, the model's outputs (class probabilities or
 regression values) and the predicted label(s); TSV or Parquet by the output's extension. When the
 input carries labels too, the metrics on it are returned (and printed by the CLI).
@@ -109,8 +113,8 @@ def run_predict(opts: PredictOptions) -> PredictSummary:
     )
     if not data.examples:
         raise SeqssmError(f"{src}: no sequences to predict")
-    max_len = int(model.backbone.config.max_seq_len)
-    too_long = [e for e in data.examples if len(e.ids) > max_len]
+    max_len = model.max_length  # None: no limit (Caduceus)
+    too_long = [e for e in data.examples if max_len is not None and len(e.ids) > max_len]
     if too_long:
         e = too_long[0]
         raise SeqssmError(

@@ -229,10 +229,14 @@ class Block(nn.Module):
         self.norm = norm
         self.mixer = mixer
 
-    def forward(self, hidden_states, residual=None, state: MambaState | None = None, return_state: bool = False):
-        """(hidden, residual) -> (mixer output, new residual); with return_state also the mixer state."""
+    def forward(self, hidden_states, residual=None, state: MambaState | None = None, return_state: bool = False,
+                lengths: torch.Tensor | None = None):
+        """(hidden, residual) -> (mixer output, new residual); with return_state also the mixer state.
+        `lengths` (right-padded rows) goes to a mixer that reads right to left (BiMambaWrapper)."""
         hidden_states, residual = add_norm(hidden_states, residual, self.norm, residual_in_fp32=self.residual_in_fp32,
                                            prenorm=True, fused=self.fused_add_norm)
+        if lengths is not None:
+            return self.mixer(hidden_states, lengths=lengths), residual
         if state is None and not return_state:
             return self.mixer(hidden_states), residual
         out, new_state = self.mixer(hidden_states, state=state, return_state=True)

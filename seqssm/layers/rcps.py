@@ -79,11 +79,18 @@ class RCPSWrapper(nn.Module):
         super().__init__()
         self.submodule = submodule
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """`lengths`: right-padded rows, passed to a submodule with `forward_rc` (which then reverses
+        each row within its length; see BiMambaWrapper)."""
         if kwargs or not hasattr(self.submodule, "forward_rc"):
+            if lengths is not None:
+                raise ValueError("RCPSWrapper: lengths needs a submodule with forward_rc")
             return self.forward_ref(x, **kwargs)
         half = x.shape[-1] // 2
-        return torch.cat([self.submodule(x[..., :half]), self.submodule.forward_rc(x[..., half:])], dim=-1)
+        if lengths is None:
+            return torch.cat([self.submodule(x[..., :half]), self.submodule.forward_rc(x[..., half:])], dim=-1)
+        return torch.cat([self.submodule(x[..., :half], lengths=lengths),
+                          self.submodule.forward_rc(x[..., half:], lengths=lengths)], dim=-1)
 
     def forward_ref(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -181,7 +188,9 @@ class RCPSMambaBlock(nn.Module):
         self.mixer = RCPSWrapper(mixer)
         self.norm = norm if fused_add_norm else RCPSAddNormWrapper(norm)
 
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None):
+        """`lengths`: right-padded rows, for the mixer (the norm is per position)."""
         if self.fused_add_norm:
             hidden_states, residual = rcps_fused_add_norm(hidden_states, residual, self.norm,
                                                           residual_in_fp32=self.residual_in_fp32, prenorm=True,
@@ -190,7 +199,7 @@ class RCPSMambaBlock(nn.Module):
             hidden_states, residual = self.norm(hidden_states, residual=residual, prenorm=True)
             if self.residual_in_fp32:
                 residual = residual.float()
-        return self.mixer(hidden_states), residual
+        return self.mixer(hidden_states, lengths=lengths), residual
 
 
 class RCPSLMHead(nn.Module):

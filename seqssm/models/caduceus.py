@@ -62,6 +62,13 @@ Embeddings. `embed` gives one vector per input position, aligned with the forwar
   strand-invariant, at twice the cost.
 `embed_pooled` averages them over the positions (of each row's length).
 
+Padded batches. Sequences of different lengths are batched right-padded, with their `lengths`.
+A causal model never reads the padding before a real position, but a right-to-left scan
+(bidirectional models, and the reverse-complement half of RCPS ones) would read it first. Given
+`lengths`, those scans reverse each row within its own length instead (`_flip_rows`), so the
+padding comes last in both directions and every row's states equal those of the row alone (up to
+float rounding). The sequence classifier (seqssm.models.heads) relies on it.
+
 Inputs as in pretraining. The published checkpoints were pretrained (hg38, MLM) on windows in
 which every N had been replaced by [PAD] (id 4) and without a trailing [SEP]: the model never saw
 token 11. `pretraining_inputs(ids)` applies that replacement; use it to feed genome windows the
@@ -242,8 +249,14 @@ class BiMambaWrapper(nn.Module):
         else:
             self.mamba_rev = None
 
-    def forward(self, hidden_states: torch.Tensor, state: MambaState | None = None, return_state: bool = False):
-        """[B, L, d] -> [B, L, d]; a state (carried across windows) only for the causal, one-direction mixer."""
+    def forward(self, hidden_states: torch.Tensor, state: MambaState | None = None, return_state: bool = False,
+                lengths: torch.Tensor | None = None):
+        """[B, L, d] -> [B, L, d]; a state (carried across windows) only for the causal, one-direction mixer.
+
+        `lengths` [B]: rows right-padded beyond them; the reverse scan reads each row reversed within
+        its own length (padding still last), so a row's outputs at positions < its length are those
+        of the row alone. Positions beyond a length hold values of no meaning.
+        """
         if state is not None or return_state:
             if self.bidirectional:
                 raise ValueError("BiMambaWrapper: a bidirectional mixer has no recurrent state (it reads the "
@@ -251,20 +264,21 @@ class BiMambaWrapper(nn.Module):
             return self.mamba_fwd(hidden_states, state=state, return_state=return_state)
         out = self.mamba_fwd(hidden_states)
         if self.bidirectional:
-            rev = self.mamba_rev(hidden_states.flip(1)).flip(1)
+            rev = _flip_rows(self.mamba_rev(_flip_rows(hidden_states, lengths)), lengths)
             out = out + rev if self.bidirectional_strategy == "add" else out * rev
         return out
 
-    def forward_rc(self, b: torch.Tensor) -> torch.Tensor:
+    def forward_rc(self, b: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """flipLC(self(flipLC(b))) (flipLC: reverse length and channels; the RC half of an RCPS block).
 
         flipLC(fwd(flipLC(b))) = flipL(fwd_c(flipL(b))) and flipLC(flipL(rev(flipL(flipLC(b))))) =
         rev_c(b), where m_c is m with its channels reversed (Mamba.forward(flip_channels=True):
         reversed projection weights, no reversed activations); both strategies are elementwise, so
         they commute with the flips. Two length reversals of [B, L, d] instead of the six copies of
-        the literal formula.
+        the literal formula. With `lengths`, each row is reversed within its length (as in forward):
+        here it is the forward Mamba that reads the rc half right to left.
         """
-        out = self.mamba_fwd(b.flip(1), flip_channels=True).flip(1)
+        out = _flip_rows(self.mamba_fwd(_flip_rows(b, lengths), flip_channels=True), lengths)
         if self.bidirectional:
             rev = self.mamba_rev(b, flip_channels=True)
             out = out + rev if self.bidirectional_strategy == "add" else out * rev
@@ -314,11 +328,19 @@ class CaduceusBackbone(nn.Module):
         norm_f = (RMSNorm if config.rms_norm else nn.LayerNorm)(config.d_model, eps=config.norm_epsilon)
         self.norm_f = norm_f if (config.fused_add_norm or not config.rcps) else RCPSAddNormWrapper(norm_f)
 
-    def forward(self, input_ids=None, inputs_embeds=None, output_hidden_states: bool = False):
+    def forward(self, input_ids=None, inputs_embeds=None, output_hidden_states: bool = False,
+                lengths: torch.Tensor | None = None):
         """input_ids [B, L] (or inputs_embeds) -> hidden [B, L, d] ([B, L, 2d] for RCPS).
 
         With output_hidden_states also the list the reference returns: the input of every block
         (embeddings, then each block's mixer output) and, with fused_add_norm, the final hidden state.
+
+        `lengths` [B]: the rows are right-padded beyond them (a batch of sequences of different
+        lengths). A right-to-left scan (bidirectional, and the rc half of RCPS) then reverses each
+        row within its own length, so it reads the row's bases before its padding, and each row's
+        hidden states at positions < its length equal those of the row alone (up to float
+        rounding); without `lengths`, those scans would start in the padding. A causal model needs
+        nothing (the padding comes after every real position), nor a batch without padding.
         """
         if inputs_embeds is not None:
             hidden = inputs_embeds
@@ -328,16 +350,31 @@ class CaduceusBackbone(nn.Module):
             if input_ids.shape[1] == 0:
                 raise ValueError("input_ids has length 0")
             hidden = self.embeddings(input_ids.long())
+        if lengths is not None:
+            lengths = lengths.to(hidden.device).long()
+            if lengths.shape != hidden.shape[:1]:
+                raise ValueError(f"lengths must be [batch={hidden.shape[0]}], got shape {tuple(lengths.shape)}")
+            if self.is_causal or bool((lengths >= hidden.shape[1]).all()):
+                lengths = None
         all_hidden = []
         residual = None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden.append(hidden)
-            hidden, residual = layer(hidden, residual)
+            hidden, residual = layer(hidden, residual) if lengths is None else layer(hidden, residual, lengths=lengths)
         hidden = self._final_norm(hidden, residual)
         if output_hidden_states and self.fused_add_norm:
             all_hidden.append(hidden)
         return (hidden, all_hidden) if output_hidden_states else hidden
+
+    def embed(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position features [B, L, d_model] float32: the hidden state, or for RCPS the
+        strand-invariant (forward half + channel-flipped rc half) / 2 (see the module docstring)."""
+        h = self(input_ids, lengths=lengths).float()
+        if not self.rcps:
+            return h
+        d = self.config.d_model
+        return 0.5 * (h[..., :d] + h[..., d:].flip(-1))
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The last residual add + norm_f (per position), with the config's fused / unfused semantics."""
@@ -457,8 +494,10 @@ class Caduceus(nn.Module):
             complement[:known] = torch.from_numpy(COMPLEMENT_LUT[:known].astype("int64"))
         self.register_buffer("_complement", complement, persistent=False)  # for conjoin; not in the state dict
 
-    def forward(self, input_ids=None, inputs_embeds=None, output_hidden_states: bool = False):
-        return self.backbone(input_ids, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
+    def forward(self, input_ids=None, inputs_embeds=None, output_hidden_states: bool = False,
+                lengths: torch.Tensor | None = None):
+        return self.backbone(input_ids, inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
+                             lengths=lengths)
 
     def embed(self, input_ids: torch.Tensor, *, conjoin: bool = False,
               lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -467,16 +506,13 @@ class Caduceus(nn.Module):
         RCPS models: (forward half + channel-flipped rc half) / 2, strand-invariant by construction.
         Other models: the hidden state; conjoin=True averages it with the position-reversed hidden
         state of the reverse complement (complement from config.complement_map, else the DNA
-        tokenizer's; `lengths`: rows right-padded, each reverse-complemented within its length).
+        tokenizer's). `lengths`: rows right-padded beyond them; each row is embedded as if alone
+        (CaduceusBackbone.forward) and reverse-complemented within its length.
         """
-        d = self.config.d_model
-        if self.config.rcps:
-            h = self(input_ids).float()
-            return 0.5 * (h[..., :d] + h[..., d:].flip(-1))
-        if not conjoin:
-            return self(input_ids).float()
+        if self.config.rcps or not conjoin:
+            return self.backbone.embed(input_ids, lengths=lengths)
         both = torch.cat([input_ids, rc_token_ids(input_ids, self._complement, lengths)], dim=0)
-        h = self(both).float()
+        h = self(both, lengths=None if lengths is None else torch.cat([lengths, lengths])).float()
         B = input_ids.shape[0]
         return 0.5 * (h[:B] + _flip_rows(h[B:], lengths))
 
@@ -640,7 +676,8 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 _PREFIXES = (("caduceus.backbone.", "caduceus.backbone."), ("backbone.", "caduceus.backbone."))
-_IGNORED = ("score.",)  # CaduceusForSequenceClassification's head
+# CaduceusForSequenceClassification's head; the head of a seqssm fine-tuned model (seqssm.models.heads)
+_IGNORED = ("score.", "head.")
 
 
 def _normalize_keys(raw: dict) -> tuple[dict, list[str]]:

@@ -1,20 +1,34 @@
-"""Sequence-level heads on the HyenaDNA backbone, and the fine-tuned model directory.
+"""Sequence-level heads on a DNA backbone (HyenaDNA, or Caduceus / Mamba), and the fine-tuned model directory.
 
     input_ids [B, L] (right-padded with PAD), lengths [B]
-      -> backbone (causal HyenaDNAModel)                      hidden [B, L, d_model]
+      -> backbone features                                     hidden [B, L, d_model]
       -> pooling over each sequence's own positions            pooled [B, d_model]
       -> dropout -> Linear                                     logits [B, n_outputs]
 
-Right padding is exact: the backbone is causal, so the hidden state at position t < length
-depends on positions 0..t only, never on the PAD tokens after the sequence (up to float
-rounding of an FFT of another size).
+Backbones (SequenceClassifier.architecture, from the config's type):
+  hyenadna  HyenaDNAModel: the hidden states of the causal HyenaDNA.
+  caduceus  CaduceusBackbone (seqssm.models.caduceus), any of its variants: bidirectional BiMamba
+            (Caduceus-Ph), RC-equivariant (Caduceus-PS, rcps) or causal Mamba. Features: the
+            hidden states, and for Caduceus-PS the strand-invariant (forward half +
+            channel-flipped reverse-complement half) / 2 of CaduceusBackbone.embed, the
+            embeddings `seqssm embed` gives. Models pretrained with N fed as [PAD] (n_as_pad,
+            seqssm.models.io.LoadedModel) get their inputs the same way here.
+
+Right padding is exact: a row's logits in a padded batch are those of the row alone (up to float
+rounding). HyenaDNA is causal: the hidden state at t < length depends on positions 0..t only. A
+Caduceus gets the lengths: its right-to-left scans reverse each row within its own length, so
+they read the padding last too (CaduceusBackbone.forward).
 
 Pooling:
-  mean   mean of the hidden states over the sequence's positions;
-  last   the hidden state of the last base (the only one that has seen the whole sequence);
+  mean   mean of the features over the sequence's positions;
+  last   the features of the last base (for a causal backbone the only position that has seen the
+         whole sequence; for a bidirectional one, just the last base's state);
   both   the mean-pooled forward pass averaged with the mean-pooled pass over the reverse
          complement (each sequence reverse-complemented within its own length): the logits of x
          and of rc(x) are the same, so the model is strand-symmetric by construction.
+A Caduceus-PS with mean pooling is strand-symmetric already (its features of rc(x) are those of x
+reversed in position), so "both" is "mean" there (no second pass), and rc averaging is a no-op
+(``strand_invariant``).
 
 Outputs (``predict_proba``): binary -> P(class 1) [B]; multiclass -> softmax [B, C];
 multilabel -> sigmoid per label [B, T]; regression -> values [B, T] in the units of the
@@ -23,10 +37,14 @@ kept in the HeadConfig).
 
 A fine-tuned model directory is a seqssm model directory (config.json, model.safetensors,
 tokenizer.json, training.json): config.json holds the backbone config plus "head" (HeadConfig)
-and "preprocessing" (how inputs were made: length, input kind, label columns...);
-model.safetensors holds ``backbone.*`` and ``head.*``. ``load_finetuned`` rebuilds the
-classifier; ``seqssm.models.load_model`` reads the same directory as a plain backbone (the head
-keys are ignored; the LM head is the tied embedding matrix), which is what ``seqssm embed`` needs.
+and "preprocessing" (how inputs were made: length, input kind, label columns...); its
+"model_type" ("hyenadna" or "caduceus") names the architecture. HyenaDNA: the flat HyenaConfig
+(as it always was); Caduceus: the reference config (CaduceusConfig.to_hf_dict) plus
+"seqssm_n_as_pad", as save_model writes it. model.safetensors holds ``backbone.*`` and ``head.*``
+(for Caduceus, ``backbone.*`` are the keys of the reference's `Caduceus` model). ``load_finetuned``
+rebuilds the classifier; ``seqssm.models.load_model`` reads the same directory as a plain
+backbone (the head keys are ignored; the LM head is the tied embedding matrix), which is what
+``seqssm embed`` needs.
 """
 
 from __future__ import annotations
@@ -42,7 +60,9 @@ import torch
 import torch.nn as nn
 
 from seqssm.errors import SeqssmError
-from seqssm.models.hyena import HyenaConfig, HyenaDNAModel
+from seqssm.models.caduceus import CaduceusConfig, CaduceusForMaskedLM, pretraining_inputs
+from seqssm.models.hyena import HyenaConfig, HyenaDNAForCausalLM, HyenaDNAModel
+from seqssm.models.io import CADUCEUS, MODEL_TYPE as HYENADNA  # architectures, as config.json's model_type
 from seqssm.tokenizers.dna import COMPLEMENT_LUT, PAD, VOCAB_SIZE, DNATokenizer
 
 TASKS = ("binary", "multiclass", "multilabel", "regression")
@@ -51,7 +71,8 @@ HEAD_PREFIX = "head."
 
 __all__ = [
     "TASKS", "POOLINGS", "HeadConfig", "SequenceHead", "SequenceClassifier", "batch_examples",
-    "reverse_complement_padded", "save_finetuned", "load_finetuned", "is_finetuned",
+    "reverse_complement_padded", "save_finetuned", "load_finetuned", "is_finetuned", "architecture_of_config",
+    "new_backbone", "lm_backbone",
 ]
 
 
@@ -166,14 +187,46 @@ class SequenceHead(nn.Module):
         return self.proj(self.dropout(pooled))
 
 
-class SequenceClassifier(nn.Module):
-    """HyenaDNA backbone + pooling + linear head (classification, multi-label or regression)."""
+def architecture_of_config(config) -> str:
+    """"caduceus" for a CaduceusConfig, "hyenadna" for a HyenaConfig."""
+    if isinstance(config, CaduceusConfig):
+        return CADUCEUS
+    if isinstance(config, HyenaConfig):
+        return HYENADNA
+    raise TypeError(f"expected a HyenaConfig or CaduceusConfig, got {type(config).__name__}")
 
-    def __init__(self, config: HyenaConfig, head_config: HeadConfig, backbone: HyenaDNAModel | None = None):
+
+def new_backbone(config) -> nn.Module:
+    """A randomly initialised backbone of the architecture (Caduceus: the reference's initialisation)."""
+    if architecture_of_config(config) == CADUCEUS:
+        return CaduceusForMaskedLM(config).caduceus.backbone
+    return HyenaDNAModel(config)
+
+
+def lm_backbone(lm: nn.Module) -> nn.Module:
+    """The backbone a classifier wraps, of a language model as load_model gives it (shared, not copied)."""
+    if isinstance(lm, CaduceusForMaskedLM):
+        return lm.caduceus.backbone
+    if isinstance(lm, HyenaDNAForCausalLM):
+        return lm.backbone
+    raise TypeError(f"expected a HyenaDNAForCausalLM or CaduceusForMaskedLM, got {type(lm).__name__}")
+
+
+class SequenceClassifier(nn.Module):
+    """DNA backbone + pooling + linear head (classification, multi-label or regression).
+
+    ``config``: a HyenaConfig (backbone: HyenaDNAModel) or a CaduceusConfig (backbone:
+    CaduceusBackbone); ``backbone``: a pretrained one (see lm_backbone), else a fresh one.
+    ``n_as_pad``: feed N as [PAD], as the published Caduceus checkpoints were pretrained.
+    """
+
+    def __init__(self, config, head_config: HeadConfig, backbone: nn.Module | None = None, *, n_as_pad: bool = False):
         super().__init__()
+        self.architecture = architecture_of_config(config)
         self.config = config
         self.head_config = head_config
-        self.backbone = backbone if backbone is not None else HyenaDNAModel(config)
+        self.n_as_pad = bool(n_as_pad)
+        self.backbone = backbone if backbone is not None else new_backbone(config)
         self.head = SequenceHead(config.d_model, head_config)
         if head_config.target_mean is not None:
             self.register_buffer("target_mean", torch.tensor(head_config.target_mean), persistent=False)
@@ -182,7 +235,32 @@ class SequenceClassifier(nn.Module):
         else:
             self.target_mean = self.target_std = None
 
-    # -- pooling
+    @property
+    def rc_equivariant(self) -> bool:
+        """The features of rc(x) are those of x reversed in position (Caduceus-PS)."""
+        return self.architecture == CADUCEUS and bool(self.config.rcps)
+
+    @property
+    def strand_invariant(self) -> bool:
+        """The outputs of x and of rc(x) agree by construction: "both" pooling, or a Caduceus-PS with
+        mean pooling. Averaging over both strands (rc_average) would only repeat the work."""
+        how = self.head_config.pooling
+        return how == "both" or (how == "mean" and self.rc_equivariant)
+
+    @property
+    def max_length(self) -> int | None:
+        """The longest input: HyenaDNA's filter length; None for Caduceus (no positional limit)."""
+        return int(self.config.max_seq_len) if self.architecture == HYENADNA else None
+
+    # -- features and pooling
+    def features(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Per-position features [B, L, d_model] (float32) of right-padded rows; see the module docstring."""
+        if self.architecture == HYENADNA:
+            return self.backbone(input_ids).float()  # causal: the padding cannot reach a real position
+        if self.n_as_pad:
+            input_ids = pretraining_inputs(input_ids)
+        return self.backbone.embed(input_ids, lengths=lengths)
+
     def _pool(self, hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
         hidden = hidden.float()
         if how == "last":
@@ -193,15 +271,18 @@ class SequenceClassifier(nn.Module):
         return total / lengths.clamp(min=1)[:, None].to(total.dtype)
 
     def pool(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Pooled hidden states [B, d_model] (float32)."""
+        """Pooled features [B, d_model] (float32)."""
         _check_batch(input_ids, lengths)
         lengths = lengths.to(input_ids.device).long()
         how = self.head_config.pooling
+        if how == "both" and self.rc_equivariant:
+            how = "mean"  # mean pooling of rc(x) repeats that of x: no second pass
         if how != "both":
-            return self._pool(self.backbone(input_ids), lengths, how)
+            return self._pool(self.features(input_ids, lengths), lengths, how)
         B = input_ids.shape[0]
         both = torch.cat([input_ids, reverse_complement_padded(input_ids, lengths)], dim=0)
-        pooled = self._pool(self.backbone(both), torch.cat([lengths, lengths]), "mean")
+        twice = torch.cat([lengths, lengths])
+        pooled = self._pool(self.features(both, twice), twice, "mean")
         return 0.5 * (pooled[:B] + pooled[B:])
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -226,10 +307,11 @@ class SequenceClassifier(nn.Module):
     def predict_proba(self, input_ids: torch.Tensor, lengths: torch.Tensor, *, rc_average: bool = False) -> torch.Tensor:
         """Outputs of ``outputs_from_logits``; with ``rc_average`` the mean of those on x and on rc(x).
 
-        With pooling "both" the model is already strand-symmetric and rc_average changes nothing.
+        A strand-invariant model (pooling "both", or a Caduceus-PS with mean pooling) is
+        strand-symmetric already: rc_average changes nothing and costs nothing there.
         """
         out = self.outputs_from_logits(self(input_ids, lengths))
-        if rc_average and self.head_config.pooling != "both":
+        if rc_average and not self.strand_invariant:
             rc = reverse_complement_padded(input_ids, lengths.to(input_ids.device))
             out = 0.5 * (out + self.outputs_from_logits(self(rc, lengths)))
         return out
@@ -256,11 +338,13 @@ def save_finetuned(
 ) -> Path:
     """Write a fine-tuned seqssm model directory atomically; return its path.
 
-    config.json: {"model_type": "hyenadna", backbone config fields (tie_word_embeddings true: the
-    model has no LM head of its own), "head": HeadConfig, "preprocessing": {...}};
-    model.safetensors: ``backbone.*`` and ``head.*`` (each shared tensor once); tokenizer.json;
-    training.json (``info``). Written into a temporary directory beside the target and renamed
-    into place; an existing target is replaced only if it holds nothing but these files.
+    config.json: the backbone's config with its "model_type" (HyenaDNA: {"model_type": "hyenadna",
+    HyenaConfig fields}; Caduceus: CaduceusConfig.to_hf_dict() + "seqssm_n_as_pad"), with
+    tie_word_embeddings true (the model has no LM head of its own), + "head": HeadConfig,
+    "preprocessing": {...}; model.safetensors: ``backbone.*`` and ``head.*`` (each shared tensor
+    once); tokenizer.json; training.json (``info``). Written into a temporary directory beside the
+    target and renamed into place; an existing target is replaced only if it holds nothing but
+    these files.
     """
     from safetensors.torch import save_file
 
@@ -273,9 +357,13 @@ def save_finetuned(
         raise TypeError(f"save_finetuned: expected a DNATokenizer, got {type(tokenizer).__name__}")
     target = prepare_model_target(directory)
 
-    backbone = {**model.config.to_dict(), "tie_word_embeddings": True}
-    config = {"model_type": MODEL_TYPE, "seqssm_version": __version__, **backbone,
-              "head": model.head_config.to_dict(), "preprocessing": dict(preprocessing)}
+    if model.architecture == CADUCEUS:
+        backbone = {**model.config.to_hf_dict(), "tie_word_embeddings": True, "seqssm_version": __version__,
+                    "seqssm_n_as_pad": model.n_as_pad}
+    else:
+        backbone = {"model_type": MODEL_TYPE, "seqssm_version": __version__, **model.config.to_dict(),
+                    "tie_word_embeddings": True}
+    config = {**backbone, "head": model.head_config.to_dict(), "preprocessing": dict(preprocessing)}
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _write_json(tmp / "config.json", config)
@@ -307,23 +395,30 @@ def load_finetuned(path: str | os.PathLike, *, device: str | torch.device = "cpu
     if not d.is_dir() or not (d / "config.json").is_file():
         raise SeqssmError(f"{d}: not a model directory (no config.json)")
     cfg = _read_json(d / "config.json")
-    _check_model_type(cfg, d / "config.json")
+    caduceus = isinstance(cfg, dict) and cfg.get("model_type") == CADUCEUS
+    if not caduceus:
+        _check_model_type(cfg, d / "config.json")
     if not is_finetuned(cfg):
         raise SeqssmError(f"{d}: not a fine-tuned model (no head in config.json); use seqssm embed for a "
                           "pretrained backbone")
     for name in ("model.safetensors", "tokenizer.json"):
         if not (d / name).is_file():
             raise SeqssmError(f"{d}: incomplete fine-tuned model directory: {name} is missing")
-    config = _config(cfg, d / "config.json")
     try:
+        config = CaduceusConfig.from_dict(cfg) if caduceus else _config(cfg, d / "config.json")
         head_config = HeadConfig.from_dict(cfg["head"])
         tokenizer = DNATokenizer.from_dict(_read_json(d / "tokenizer.json"))
     except (TypeError, ValueError) as e:
         raise SeqssmError(f"{d}: bad fine-tuned model config: {e}") from None
     state = _read_safetensors(d / "model.safetensors")
     head_state = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
-    lm = _build(config, {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}, d / "model.safetensors")
-    model = SequenceClassifier(config, head_config, backbone=lm.backbone)
+    state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+    if caduceus:
+        backbone = _caduceus_backbone(config, state, d / "model.safetensors")
+    else:
+        backbone = _build(config, state, d / "model.safetensors").backbone
+    model = SequenceClassifier(config, head_config, backbone=backbone,
+                               n_as_pad=caduceus and bool(cfg.get("seqssm_n_as_pad", False)))
     try:
         model.head.load_state_dict(head_state, strict=True)
     except RuntimeError as e:
@@ -336,3 +431,14 @@ def load_finetuned(path: str | os.PathLike, *, device: str | torch.device = "cpu
     preprocessing = cfg.get("preprocessing") or {}
     model.to(device).eval()
     return model, tokenizer, head_config, dict(preprocessing), info
+
+
+def _caduceus_backbone(config: CaduceusConfig, state: dict, source) -> nn.Module:
+    """The CaduceusBackbone of ``state`` (keys ``backbone.*``, as the reference's `Caduceus`), loaded
+    strictly as CaduceusForMaskedLM.from_pretrained loads it (tied LM head, complement maps checked)."""
+    from seqssm.models.caduceus import _load_state, _normalize_keys
+
+    config.tie_word_embeddings = True  # the directory holds no LM head
+    lm = CaduceusForMaskedLM(config)
+    _load_state(lm, _normalize_keys(state)[0], source)
+    return lm.caduceus.backbone

@@ -22,7 +22,8 @@ Accepted by `load_model`:
   `caduceus.backbone.*` / `backbone.*`; max length from tokenizer_config.json's model_max_length,
   else from config.json, else 131,072, the length the published models were trained at), or a
   seqssm one as `save_model` writes it (the same config.json, which stays loadable by the
-  reference code, + model.safetensors + tokenizer.json + training.json);
+  reference code, + model.safetensors + tokenizer.json + training.json), or a fine-tuned one
+  (save_finetuned: keys `backbone.*` + `head.*`; load_model gives its backbone, head ignored);
 
 Tensors come from safetensors, or from torch.load(..., weights_only=True). A file that
 weights_only refuses is reported as a SeqssmError; there is no fallback to full unpickling.
@@ -305,8 +306,13 @@ def _load_caduceus(d: Path, cfg: dict) -> LoadedModel:
     else:
         tokenizer = DNATokenizer(model_max_length=_caduceus_max_length(d, cfg))
         fmt, n_as_pad = "hf", bool(cfg.get("seqssm_n_as_pad", True))
-    if model.load_info.get("ignored_keys"):
-        info["ignored_keys"] = model.load_info["ignored_keys"]
+    ignored = model.load_info.get("ignored_keys") or []
+    if isinstance(cfg.get("head"), dict):
+        # A fine-tuned model (seqssm.models.heads): the backbone alone; the head is load_finetuned's.
+        ignored = [k for k in ignored if not k.startswith("head.")]
+        info["finetuned_head"] = cfg["head"]
+    if ignored:
+        info["ignored_keys"] = ignored
     info.update(source=str(d), format=fmt)
     return LoadedModel(model, tokenizer, model.config, info, n_as_pad=n_as_pad)
 

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a HyenaDNA backbone with a sequence-level head.
+"""Supervised fine-tuning of a DNA backbone (HyenaDNA, or Caduceus / Mamba) with a sequence-level head.
 
 Tasks (seqssm.models.heads): binary, multiclass, multilabel, regression. Losses:
   binary      BCE on the logit of class 1; class weighting "auto": pos_weight = negatives / positives
@@ -8,16 +8,19 @@ Tasks (seqssm.models.heads): binary, multiclass, multilabel, regression. Losses:
 The weights come from the training split only; "none" weighs everything 1.
 
 Optimisation (the pieces of seqssm.training.lm): AdamW with two learning rates (``lr`` for the
-backbone, ``head_lr`` for the head), weight decay on matrices only, linear warm-up over
-``warmup_fraction`` of all steps then cosine decay to ``min_lr_ratio`` x the peak, gradient-norm
-clipping, bf16 autocast on CUDA. ``freeze_backbone``: a linear probe (the backbone is not in the
-optimizer, runs in eval mode without dropout, and its weights never change).
+backbone, ``head_lr`` for the head), weight decay on matrices only (a Caduceus backbone: as in its
+pretraining, not on norms, embeddings, biases, A_log and D; seqssm.training.mlm.mlm_param_groups),
+linear warm-up over ``warmup_fraction`` of all steps then cosine decay to ``min_lr_ratio`` x the
+peak, gradient-norm clipping, bf16 autocast on CUDA. ``freeze_backbone``: a linear probe (the
+backbone is not in the optimizer, runs in eval mode without dropout, and its weights never change).
 
 Data order: epoch e visits the training examples in a permutation drawn from (seed, e), and
 ``rc_augment`` reverse-complements each example with probability 1/2, drawn from (seed, e) as
-well; batches are right-padded with PAD (exact for the causal backbone). Both are pure functions
-of (seed, epoch, batch), so with the model, optimizer and torch RNG state (dropout) saved, a
-resumed run continues exactly: on CPU a run cut in two equals an uninterrupted one.
+well; batches are right-padded with PAD (exact for every backbone: seqssm.models.heads). Both are
+pure functions of (seed, epoch, batch), so with the model, optimizer and torch RNG state (dropout)
+saved, a resumed run continues exactly: on CPU a run cut in two equals an uninterrupted one. For
+a strand-invariant model (pooling "both", or a Caduceus-PS with mean pooling) ``rc_augment``
+changes nothing but float rounding, and ``rc_average`` is not computed.
 
 Evaluation after every epoch on the validation split (``rc_average``: the mean of the outputs on
 each sequence and on its reverse complement); early stopping after ``patience`` epochs without
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +52,14 @@ import torch.nn.functional as F
 
 from seqssm.distributed import SINGLE, Dist, Replica, lockstep_batches, seed_rank
 from seqssm.errors import SeqssmError
-from seqssm.models.heads import POOLINGS, TASKS, SequenceClassifier, batch_examples, reverse_complement_padded
+from seqssm.models.heads import (
+    CADUCEUS,
+    POOLINGS,
+    TASKS,
+    SequenceClassifier,
+    batch_examples,
+    reverse_complement_padded,
+)
 from seqssm.training.lm import (
     CHECKPOINTS,
     StopRule,
@@ -73,6 +83,7 @@ from seqssm.training.metrics import (
     metric_direction,
     primary_metric,
 )
+from seqssm.training.mlm import mlm_param_groups
 
 CLASS_WEIGHTS = ("auto", "none")
 
@@ -288,7 +299,7 @@ def predict(
     order = np.argsort([len(a) for a in data.ids], kind="stable")
     outs: list[np.ndarray] = [None] * n  # type: ignore[list-item]
     loss_sum, loss_n = 0.0, 0
-    both = model.head_config.pooling == "both"
+    symmetric = model.strand_invariant  # rc averaging would repeat the forward outputs
     starts = range(0, n, batch_size)
     mine = lockstep_batches(len(starts), dist, lockstep=False) if dist.enabled else range(len(starts))
     try:
@@ -300,7 +311,7 @@ def predict(
             with autocast_for(device):
                 logits = model(x, lengths)
                 out = model.outputs_from_logits(logits)
-                if rc_average and not both:
+                if rc_average and not symmetric:
                     out = 0.5 * (out + model.outputs_from_logits(model(reverse_complement_padded(x, lengths), lengths)))
             if loss_fn is not None:
                 y = torch.from_numpy(data.targets[idx]).to(device)
@@ -420,7 +431,8 @@ class FinetuneTrainer:
         if cfg.freeze_backbone:
             groups = []
         else:
-            groups = [dict(g, peak_lr=cfg.lr) for g in param_groups(self.model.backbone, cfg.weight_decay)]
+            backbone_groups = mlm_param_groups if model.architecture == CADUCEUS else param_groups
+            groups = [dict(g, peak_lr=cfg.lr) for g in backbone_groups(self.model.backbone, cfg.weight_decay)]
         groups += [dict(g, peak_lr=cfg.head_lr) for g in param_groups(self.model.head, cfg.weight_decay)]
         groups = [g for g in groups if g["params"]]
         self.optimizer = adamw(groups, lr=cfg.head_lr, betas=cfg.adam_betas, eps=cfg.adam_eps, device=device)
