@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def _finetune(args: list[str], out: Path) -> dict:
     t0 = time.perf_counter()
     res = CliRunner().invoke(app, ["finetune", "-o", str(out), "--force", *args])
     if res.exit_code != 0:
-        raise SystemExit(f"seqssm finetune {' '.join(args)} failed:\n{res.output}")
+        why = res.output or "".join(traceback.format_exception(res.exception))
+        raise SystemExit(f"seqssm finetune {' '.join(args)} failed:\n{why}")
     metrics = json.loads((out / "metrics.json").read_text())
     return {"metrics": metrics, "seconds": time.perf_counter() - t0}
 
