@@ -208,6 +208,26 @@ def test_bimamba_combines_both_directions(strategy):
         BiMambaWrapper(16, bidirectional_strategy="concat")
 
 
+@pytest.mark.parametrize("over", [dict(), dict(bidirectional_strategy="ew_multiply", bidirectional_weight_tie=False),
+                                  dict(rcps=False), dict(rcps=False, bidirectional=False)])
+def test_long_inference_in_pieces_equals_one_pass(over, monkeypatch):
+    """Inference longer than BiMambaWrapper.piece_length runs each Mamba piece by piece with its state
+    carried (forward pieces left to right, reverse and rc pieces right to left): same outputs."""
+    model = build(small_config(**over), seed=4).eval()
+    x = dna(2, 70, seed=5)
+    with torch.inference_mode():
+        whole = model.caduceus(x)
+        monkeypatch.setattr(BiMambaWrapper, "piece_length", 16)  # 5 pieces, the last one short
+        pieces = model.caduceus(x)
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # training mode (or autograd) never splits
+        model.train()
+        calls = []
+        monkeypatch.setattr("seqssm.models.caduceus._scan_in_pieces", lambda *a, **k: calls.append(1))
+        model.caduceus(x)
+        assert not calls
+
+
 # ----------------------------------------------------------------------------------------------
 # reverse-complement equivariance
 

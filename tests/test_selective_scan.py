@@ -1,5 +1,6 @@
 """The chunked selective scan against the sequential loop it must equal, and the backend dispatch."""
 
+import functools
 import itertools
 import os
 import subprocess
@@ -213,22 +214,36 @@ def test_kernel_without_initial_state_plus_linearity_equals_the_scan():
         assert rel(got, out) <= 1e-5 and rel(got_last, last) <= 1e-5
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("batch,dim,L,N", [(2, 96, 5000, 16), (1, 33, 77, 4), (3, 512, 131072 // 8, 16)])
-def test_fused_initial_state_response_matches_the_chunked_one(batch, dim, L, N):
-    """The Triton initial-state response (stream mode on CUDA) against the chunked torch one, with
-    decays from negligible to complete inside the window."""
-    pytest.importorskip("triton")
-    from seqssm.ops.selective_scan import _initial_state_response, _initial_state_response_fused
+def _initial_state_case(batch, dim, L, N, device, dtype=torch.float32, seed=0):
+    """Inputs laid out as Mamba hands them to the scan: dt a transposed view, z half of xz."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = functools.partial(torch.randn, generator=g, device=device)
+    u = r(batch, dim, L).to(dtype)
+    dt = (r(dim, batch, L) * 0.5 - 4.0).to(dtype).transpose(0, 1)  # softplus(dt + bias) ~ 0.001 .. 0.3
+    A = -torch.exp(r(dim, N) * 1.5)  # |A| from ~0.01 to ~100
+    B, C = r(batch, N, L).to(dtype), r(batch, N, L).to(dtype)
+    z = r(batch, 2 * dim, L).to(dtype)[:, dim:]
+    return u, dt, A, B, C, r(dim), z, r(dim) * 0.5, r(batch, dim, N)
 
-    g = torch.Generator(device="cuda").manual_seed(batch * dim + L)
-    delta = torch.rand(batch, dim, L, device="cuda", generator=g) * 0.05
-    A = -torch.exp(torch.randn(dim, N, device="cuda", generator=g) * 2)  # |A| from ~0.02 to ~50
-    C = torch.randn(batch, N, L, device="cuda", generator=g)
-    h0 = torch.randn(batch, dim, N, device="cuda", generator=g)
-    y_ref, h_ref = _initial_state_response(delta, A, C, h0, 1024)
-    y, h = _initial_state_response_fused(delta, A, C, h0)
-    assert rel(y, y_ref) <= 1e-5 and rel(h, h_ref) <= 1e-5
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,dim,L,N,dtype", [(2, 96, 5000, 16, torch.float32), (1, 33, 77, 4, torch.float32),
+                                                 (1, 512, 16384, 16, torch.float32), (2, 64, 3000, 16, torch.bfloat16)])
+def test_fused_initial_state_response_matches_the_chunked_one(batch, dim, L, N, dtype):
+    """Stream mode on CUDA: the initial state's share added in one Triton kernel (in place, from
+    the raw dt, bias, softplus and z) against the chunked torch computation, with decays from
+    negligible to complete inside the window."""
+    pytest.importorskip("triton")
+
+    def kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):  # mamba-ssm's signature
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    u, dt, A, B, C, D, z, bias, h0 = _initial_state_case(batch, dim, L, N, "cuda", dtype, seed=L)
+    args = (kernel, u, dt, A, B, C, D, z, bias, True, True, h0)
+    want, want_last = _scan_with_kernel(*args, chunk=1024)  # the torch path
+    got, got_last = _scan_with_kernel(*args)  # the fused kernel
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == want.dtype and rel(got, want) <= tol and rel(got_last, want_last) <= 1e-5
 
 
 def test_dispatch_on_cpu():

@@ -262,11 +262,26 @@ class BiMambaWrapper(nn.Module):
                 raise ValueError("BiMambaWrapper: a bidirectional mixer has no recurrent state (it reads the "
                                  "window right to left too)")
             return self.mamba_fwd(hidden_states, state=state, return_state=return_state)
+        if self._in_pieces(hidden_states, lengths):
+            out = _scan_in_pieces(self.mamba_fwd, hidden_states, self.piece_length)
+            if self.bidirectional:
+                _scan_in_pieces(self.mamba_rev, hidden_states, self.piece_length, reverse=True, into=out,
+                                combine=self.bidirectional_strategy)
+            return out
         out = self.mamba_fwd(hidden_states)
         if self.bidirectional:
             rev = _flip_rows(self.mamba_rev(_flip_rows(hidden_states, lengths)), lengths)
             out = out + rev if self.bidirectional_strategy == "add" else out * rev
         return out
+
+    # Inference on inputs longer than this runs each Mamba over pieces of this many positions,
+    # carrying its conv and SSM state from piece to piece (exact: the stream mode's machinery), so
+    # the mixer's [B, 2 d_inner, L] intermediates exist for one piece at a time.
+    piece_length = 1 << 17
+
+    def _in_pieces(self, x: torch.Tensor, lengths) -> bool:
+        return (not self.training and not torch.is_grad_enabled() and lengths is None
+                and x.shape[1] > self.piece_length)
 
     def forward_rc(self, b: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """flipLC(self(flipLC(b))) (flipLC: reverse length and channels; the RC half of an RCPS block).
@@ -278,11 +293,43 @@ class BiMambaWrapper(nn.Module):
         the literal formula. With `lengths`, each row is reversed within its length (as in forward):
         here it is the forward Mamba that reads the rc half right to left.
         """
+        if self._in_pieces(b, lengths):
+            out = _scan_in_pieces(self.mamba_fwd, b, self.piece_length, reverse=True, flip_channels=True)
+            if self.bidirectional:
+                _scan_in_pieces(self.mamba_rev, b, self.piece_length, flip_channels=True, into=out,
+                                combine=self.bidirectional_strategy)
+            return out
         out = _flip_rows(self.mamba_fwd(_flip_rows(b, lengths), flip_channels=True), lengths)
         if self.bidirectional:
             rev = self.mamba_rev(b, flip_channels=True)
             out = out + rev if self.bidirectional_strategy == "add" else out * rev
         return out
+
+
+def _scan_in_pieces(mamba, x: torch.Tensor, piece: int, *, reverse: bool = False, flip_channels: bool = False,
+                    into: torch.Tensor | None = None, combine: str = "add") -> torch.Tensor:
+    """mamba over x [B, L, d] (reverse: over flip_L(x), the result flipped back), `piece` positions at a
+    time with the state carried across pieces: equal to one call on the whole input. With `into`,
+    the result is added to it ("add") or multiplied into it ("ew_multiply") in place."""
+    L, state = x.shape[1], None
+    starts = range(0, L, piece)
+    for s in (reversed(starts) if reverse else starts):
+        e = min(s + piece, L)
+        xs = x[:, s:e].flip(1) if reverse else x[:, s:e]
+        y, state = mamba(xs, state=state, return_state=True, flip_channels=flip_channels)
+        if reverse:
+            y = y.flip(1)
+        if into is None:
+            into = y.new_empty(x.shape[0], L, y.shape[-1])
+            combine = "copy"
+        view = into[:, s:e]
+        if combine == "copy":
+            view.copy_(y)
+        elif combine == "add":
+            view.add_(y)
+        else:
+            view.mul_(y)
+    return into
 
 
 class CaduceusEmbeddings(nn.Module):

@@ -371,42 +371,86 @@ def _h0_kernel():
         return None
 
     @triton.jit
-    def h0_response_kernel(S_ptr, A_ptr, C_ptr, H_ptr, Y_ptr, dim, L, N: tl.constexpr, BD: tl.constexpr,
-                           BT: tl.constexpr):
+    def add_h0_response_kernel(dt_ptr, dtb_ptr, A_ptr, C_ptr, H_ptr, z_ptr, out_ptr, seg_ptr, dim, L, seg_len, nseg,
+                               s_dt_b, s_dt_d, s_c_b, s_c_n, s_z_b, s_z_d, s_o_b, s_o_d,
+                               N: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, SUMS: tl.constexpr,
+                               BD: tl.constexpr, BT: tl.constexpr):
+        """Program (b, channel block, segment). SUMS: write each segment's sum of delta to seg_ptr
+        [batch, dim, nseg]; else seg_ptr holds the sum of delta before each segment."""
         b = tl.program_id(0)
         d = tl.program_id(1) * BD + tl.arange(0, BD)
-        t = tl.program_id(2) * BT + tl.arange(0, BT)
+        k = tl.program_id(2)
         md = d < dim
-        mt = t < L
-        m = md[:, None] & mt[None, :]
-        row = (b * dim + d).to(tl.int64)
-        S = tl.load(S_ptr + row[:, None] * L + t[None, :], mask=m, other=0.0)
-        acc = tl.zeros((BD, BT), dtype=tl.float32)
-        for n in range(N):
-            a = tl.load(A_ptr + d * N + n, mask=md, other=0.0)
-            h = tl.load(H_ptr + row * N + n, mask=md, other=0.0)
-            c = tl.load(C_ptr + (b * N + n).to(tl.int64) * L + t, mask=mt, other=0.0)
-            acc += (h[:, None] * c[None, :]) * tl.exp(a[:, None] * S)
-        tl.store(Y_ptr + row[:, None] * L + t[None, :], acc, mask=m)
+        bias = tl.load(dtb_ptr + d, mask=md, other=0.0)
+        seg = seg_ptr + (b * dim + d) * nseg + k
+        if SUMS:
+            carry = tl.zeros((BD,), dtype=tl.float32)
+        else:
+            carry = tl.load(seg, mask=md, other=0.0)  # sum of delta before the current block
+        start = k * seg_len
+        for t0 in range(start, tl.minimum(start + seg_len, L), BT):
+            t = t0 + tl.arange(0, BT)
+            mt = t < L
+            m = md[:, None] & mt[None, :]
+            dt = tl.load(dt_ptr + b * s_dt_b + d[:, None] * s_dt_d + t[None, :], mask=m, other=0.0).to(tl.float32)
+            dt = dt + bias[:, None]
+            if SOFTPLUS:  # as torch's softplus (threshold 20); log1p(e) = log(u) e / (u - 1), u = 1 + e (Kahan)
+                e = tl.exp(tl.minimum(dt, 20.0))
+                u = 1.0 + e
+                lp = tl.where(u == 1.0, e, tl.log(u) * e / (u - 1.0))
+                dt = tl.where(dt <= 20.0, lp, dt)
+            dt = tl.where(m, dt, 0.0)
+            if not SUMS:
+                S = carry[:, None] + tl.cumsum(dt, axis=1)
+                y = tl.zeros((BD, BT), dtype=tl.float32)
+                for n in range(N):
+                    a = tl.load(A_ptr + d * N + n, mask=md, other=0.0)
+                    h = tl.load(H_ptr + (b * dim + d) * N + n, mask=md, other=0.0)
+                    c = tl.load(C_ptr + b * s_c_b + n * s_c_n + t, mask=mt, other=0.0).to(tl.float32)
+                    y += (h[:, None] * c[None, :]) * tl.exp(a[:, None] * S)
+                if HAS_Z:
+                    z = tl.load(z_ptr + b * s_z_b + d[:, None] * s_z_d + t[None, :], mask=m, other=0.0)
+                    z = z.to(tl.float32)
+                    y = y * (z / (1.0 + tl.exp(-z)))
+                o = out_ptr + b * s_o_b + d[:, None] * s_o_d + t[None, :]
+                tl.store(o, (tl.load(o, mask=m, other=0.0).to(tl.float32) + y).to(out_ptr.dtype.element_ty), mask=m)
+            carry = carry + tl.sum(dt, axis=1)
+        if SUMS:
+            tl.store(seg, carry, mask=md)
 
-    return h0_response_kernel
+    return add_h0_response_kernel
 
 
-def _initial_state_response_fused(delta, A, C, h0):
-    """`_initial_state_response` in one Triton kernel (CUDA; C of one group, [batch, N, L]).
+def _add_initial_state_response_(out, delta, delta_bias, delta_softplus, A, C, z, h0):
+    """out += silu(z) * y0 in place, y0 the response to the initial state h0 alone (as
+    `_initial_state_response`), in one Triton kernel (CUDA; C of one group, [batch, N, L]); returns
+    h0's share of the last state, exp(A * sum(delta)) * h0.
 
-    With no input the state is h[t] = exp(A * S[t]) * h0, S = cumsum(delta), so every position is
-    independent once S is known: y0[t] = sum_n C[n, t] h0[n] exp(A[n] S[t]) is computed in
-    registers, reading S and C once, instead of materialising [batch, dim, L, N] in chunks."""
-    batch, dim, L = delta.shape
+    With no input the state is h[t] = exp(A * S[t]) * h0, S the running sum of delta, so each
+    program walks its channels' positions once, carrying S, and computes y0 in registers: delta
+    (bias and softplus included), C, z and out are each read once and nothing else is written."""
+    batch, dim, L = out.shape
     N = A.shape[1]
-    S = torch.cumsum(delta.float(), dim=-1)
+    if delta.stride(-1) != 1 or out.stride(-1) != 1 or C.stride(-1) != 1 or (z is not None and z.stride(-1) != 1):
+        raise ValueError("_add_initial_state_response_: the length axis must be contiguous")
     A32, h = A.float().contiguous(), h0.float().contiguous()
-    y0 = torch.empty_like(S)
+    bias = (delta_bias.float() if delta_bias is not None else torch.zeros(dim, device=out.device)).contiguous()
+    zz = z if z is not None else out
     BD, BT = 16, 256
-    grid = (batch, -(-dim // BD), -(-L // BT))
-    _h0_kernel()[grid](S, A32, C.float().contiguous(), h, y0, dim, L, N=N, BD=BD, BT=BT, num_warps=4)
-    return y0, torch.exp(A32 * S[..., -1:]) * h
+    # Segments of the length axis run in parallel (a few per channel block fill the GPU): a first
+    # pass sums delta per segment, the second starts each segment from the sum before it.
+    seg_len = BT * max(1, -(-L // (32 * BT)))
+    nseg = -(-L // seg_len)
+    sums = torch.empty(batch, dim, nseg, device=out.device, dtype=torch.float32)
+    grid = (batch, -(-dim // BD), nseg)
+    args = (delta, bias, A32, C, h, zz, out)
+    strides = (delta.stride(0), delta.stride(1), C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), out.stride(0),
+               out.stride(1))
+    kw = dict(N=N, SOFTPLUS=bool(delta_softplus), HAS_Z=z is not None, BD=BD, BT=BT, num_warps=4)
+    _h0_kernel()[grid](*args, sums, dim, L, seg_len, nseg, *strides, SUMS=True, **kw)
+    before = (torch.cumsum(sums, dim=-1) - sums).contiguous()
+    _h0_kernel()[grid](*args, before, dim, L, seg_len, nseg, *strides, SUMS=False, **kw)
+    return torch.exp(A32 * sums.sum(-1)[..., None]) * h
 
 
 def _can_fuse_h0(delta, C) -> bool:
@@ -434,16 +478,17 @@ def _scan_with_kernel(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplu
         return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     res = kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
     out, last = res
+    if chunk is None and _can_fuse_h0(delta, C) and out.is_contiguous():
+        last = last.float() + _add_initial_state_response_(out, delta, delta_bias, delta_softplus, A, C, z,
+                                                           initial_state)
+        return (out, last) if return_last_state else out
     d = _prepare_delta(delta, delta_bias, delta_softplus)
     batch, dim, L = u.shape
-    if chunk is None and _can_fuse_h0(d, C):
-        y0, h0_end = _initial_state_response_fused(d, A, C, initial_state)
-    else:
-        # [batch, dim, chunk, dstate] intermediates of about 64M numbers on a GPU (256 MB), 1M elsewhere
-        if chunk is None:
-            budget = (1 << 26) if u.is_cuda else _CHUNK_ELEMENTS
-            chunk = max(1, min(L, budget // max(1, batch * dim * A.shape[1])))
-        y0, h0_end = _initial_state_response(d, A.float(), C, initial_state, chunk)
+    # [batch, dim, chunk, dstate] intermediates of about 64M numbers on a GPU (256 MB), 1M elsewhere
+    if chunk is None:
+        budget = (1 << 26) if u.is_cuda else _CHUNK_ELEMENTS
+        chunk = max(1, min(L, budget // max(1, batch * dim * A.shape[1])))
+    y0, h0_end = _initial_state_response(d, A.float(), C, initial_state, chunk)
     if z is not None:
         y0 = y0 * F.silu(z.float())
     out = (out.float() + y0).to(out.dtype)
