@@ -15,7 +15,6 @@ import importlib
 import json
 import statistics
 import sys
-import tempfile
 import types
 from pathlib import Path
 

@@ -24,7 +24,7 @@ from seqssm.models import (
     load_model,
     save_model,
 )
-from seqssm.tokenizers.dna import DNATokenizer, encode
+from seqssm.tokenizers.dna import DNATokenizer
 
 from test_hyena import perturbed, rel, tiny_config, windows
 
