@@ -82,6 +82,34 @@ def _describe_chem(name: str) -> dict:
     }
 
 
+_METRICS = ("accuracy", "mcc", "macro_f1", "auroc", "auprc", "mse", "pearson", "spearman")
+
+
+def _metrics_line(m: dict | None) -> str:
+    if not m:
+        return "-"
+    shown = ", ".join(f"{k} {m[k]:.4f}" for k in _METRICS if isinstance(m.get(k), (int, float)))
+    return f"{shown} (n = {m['n']:,})" if "n" in m else shown
+
+
+def _finetuned_rows(info: dict) -> dict:
+    """What a fine-tuned directory's training.json says: task, labels, base model, split, metrics."""
+    tr = info.get("training") or {}
+    sizes = info.get("sizes") or {}
+    return {
+        "task": str(info.get("task", "-")),
+        "labels": ", ".join(map(str, info.get("label_names") or [])) or "-",
+        "base model": (f"{info.get('base_model')} architecture, trained from scratch" if info.get("from_scratch")
+                       else str(info.get("base_model", "-"))),
+        "split": str(info.get("split") or ", ".join(f"{k} {v:,}" for k, v in sizes.items()) or "-"),
+        "best epoch": f"{info.get('best_epoch', '-')} (by validation {info.get('selection_metric', '-')})",
+        "validation": _metrics_line(info.get("valid")),
+        "test": _metrics_line(info.get("test")),
+        "training": (f"{tr.get('epochs', '?')} epochs, {tr.get('steps', '?'):,} steps, {tr.get('precision', '')} on "
+                     f"{tr.get('device', '?')}; {tr.get('trainable_parameters', 0):,} parameters trained"),
+    }
+
+
 def _is_chem(name: str) -> bool:
     from seqssm.chem.model_dir import bundled_chem_models, is_chem_model_dir
 
@@ -126,10 +154,20 @@ def info(name: str = typer.Argument(..., help="Bundled name, or a model director
         return
     loaded = run_guarded(load_model, name)
     d = _describe(loaded)
+    extra = loaded.info or {}
+    finetuned = "label_names" in extra and "task" in extra
+    if finetuned:  # the backbone's pretraining record does not apply; the fine-tuning one does
+        for k in ("training data", "held-out", "held-out perplexity"):
+            d.pop(k, None)
+        d.update(_finetuned_rows(extra))
     t = Table(title=f"model {d['name']}", show_header=False, title_justify="left")
     for k, v in d.items():
         t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
-    extra = loaded.info or {}
+    if finetuned:
+        if "date" in extra:
+            t.add_row("date", str(extra["date"]))
+        console.print(t)
+        return
     heldout = extra.get("heldout") or {}
     markov = extra.get("markov_baseline") or {}
     if "shared_perplexity" in heldout:

@@ -277,9 +277,14 @@ def test_embed_and_models_info_read_the_finetuned_backbone(cli_run, files, tmp_p
         pooled = model.pool(ids, lengths)[0].numpy()  # mean pooling of the classifier = embed's mean
     np.testing.assert_allclose(t["embedding"][0], pooled, rtol=1e-5, atol=1e-6)
 
-    res = runner.invoke(app, ["models", "info", str(out)])
+    res = runner.invoke(app, ["models", "info", str(out)], terminal_width=400)
     assert res.exit_code == 0, res.output
     assert "Caduceus-PS" in res.output
+    # the fine-tuning record, not the backbone's pretraining one: task, base model, the run's test metrics
+    m = json.loads((out / "metrics.json").read_text())
+    assert "fine-tuned Caduceus-PS binary classifier" in res.output and str(files["backbone"]) in res.output
+    assert f"auroc {m['test']['auroc']:.4f}" in res.output and f"mcc {m['test']['mcc']:.4f}" in res.output
+    assert "held-out perplexity" not in res.output
 
 
 def test_resume_with_padded_batches_equals_an_uninterrupted_run(files, tmp_path):
