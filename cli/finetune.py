@@ -140,7 +140,9 @@ def finetune(
                                                                       if s.resumed_from else ""))
     if s.best_epoch is not None:
         t.add_row("best epoch", f"{s.best_epoch} (valid {s.metric} {_fmt(s.best_value)})")
-    keys = ("mse", "pearson", "spearman") if s.task == "regression" else ("accuracy", "mcc", "macro_f1", "auroc", "auprc")
+    from seqssm.training.metrics import CLASSIFICATION_KEYS, REGRESSION_KEYS
+
+    keys = REGRESSION_KEYS if s.task == "regression" else CLASSIFICATION_KEYS
     for name, m in (("valid", s.valid), ("test", s.test)):
         if m:
             t.add_row(f"{name} metrics", "  ".join(f"{k} {_fmt(m.get(k))}" for k in keys))

@@ -82,13 +82,13 @@ def _describe_chem(name: str) -> dict:
     }
 
 
-_METRICS = ("accuracy", "mcc", "macro_f1", "auroc", "auprc", "mse", "pearson", "spearman")
-
-
 def _metrics_line(m: dict | None) -> str:
+    from seqssm.training.metrics import CLASSIFICATION_KEYS, REGRESSION_KEYS
+
     if not m:
         return "-"
-    shown = ", ".join(f"{k} {m[k]:.4f}" for k in _METRICS if isinstance(m.get(k), (int, float)))
+    keys = CLASSIFICATION_KEYS + REGRESSION_KEYS
+    shown = ", ".join(f"{k} {m[k]:.4f}" for k in keys if isinstance(m.get(k), (int, float)))
     return f"{shown} (n = {m['n']:,})" if "n" in m else shown
 
 

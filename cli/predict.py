@@ -47,7 +47,9 @@ def predict(
     for reason, n in s.skipped.items():
         t.add_row(f"skipped: {reason}", f"{n:,}")
     if s.metrics:
-        for k in ("accuracy", "mcc", "macro_f1", "auroc", "auprc", "mse", "pearson", "spearman"):
+        from seqssm.training.metrics import CLASSIFICATION_KEYS, REGRESSION_KEYS
+
+        for k in CLASSIFICATION_KEYS + REGRESSION_KEYS:
             v = s.metrics.get(k)
             if isinstance(v, (int, float)):
                 t.add_row(k, f"{v:.4f}")
