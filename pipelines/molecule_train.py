@@ -58,6 +58,7 @@ class MoleculeTrainOptions:
     column: str | None = None
     max_len: int | None = None
     canonicalize: bool = False
+    randomize: int | None = None  # random SMILES forms per training molecule, one per epoch (cycled)
     d_model: int | None = None
     n_blocks: int | None = None
     d_state: int | None = None
@@ -177,6 +178,29 @@ def _read_sets(opts: MoleculeTrainOptions, tokenizer, max_len: int, seed: int, d
     return train, valid, data
 
 
+def _random_forms(opts: MoleculeTrainOptions, train: list, valid: list, tokenizer, max_len: int, seed: int,
+                  data: dict, display) -> tuple[list[list[str]], list[str], set]:
+    """(opts.randomize random forms of every training molecule, one form of every validation
+    molecule, their tokens). Validation uses a random form too, so its loss measures what training
+    optimises. Forms are never longer than the longest given SMILES (batches stay as narrow) and,
+    when fine-tuning, use only the model's tokens; a molecule without such a form keeps its SMILES."""
+    from seqssm.chem.data import randomized_smiles
+    from seqssm.chem.tokenizer import split_smiles
+
+    t0 = time.monotonic()
+    longest = max(len(split_smiles(s)) for s in train + valid)
+    allowed = frozenset(tokenizer.tokens[3:]) if tokenizer is not None else None
+    kw = dict(max_tokens=min(longest, max_len - 2), allowed=allowed, n_jobs=opts.n_jobs)
+    tr = randomized_smiles(train, opts.randomize, seed=seed, **kw)
+    va = randomized_smiles(valid, 1, seed=seed + 1, **kw)
+    data["random_forms"] = {"per_molecule": opts.randomize, "given_kept": tr.n_given + va.n_given,
+                            "kind": "RDKit restricted random SMILES", "seed": seed}
+    display.log(f"{opts.randomize} random SMILES of each of {len(train):,} training molecules "
+                f"(one per epoch, cycled), 1 of each validation molecule, in {time.monotonic() - t0:.0f} s"
+                + (f"; {tr.n_given + va.n_given:,} forms kept the given SMILES" if tr.n_given + va.n_given else ""))
+    return tr.forms, va.forms[0], tr.tokens | va.tokens
+
+
 def _report_skipped(prepared, what: str, display) -> None:
     for attr, label in (("n_unparsable", "unparsable by RDKit"), ("n_too_long", "longer than the model's maximum"),
                         ("n_unknown_token", "with tokens outside the model's vocabulary")):
@@ -255,11 +279,16 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
             opts.valid_file = Path(saved["valid_file"])
         if finetune and opts.model is None:
             opts.model = saved.get("model")
-        for key in ("valid_fraction", "max_len", "canonicalize", "column"):
+        for key in ("valid_fraction", "max_len", "canonicalize", "column", "randomize"):
             if saved.get(key) is not None and getattr(opts, key) in (None, False):
                 setattr(opts, key, saved[key])
+        if (opts.randomize or None) != (saved.get("randomize") or None):
+            raise SeqssmError(f"cannot resume with --randomize {opts.randomize}: the run uses "
+                              f"{saved.get('randomize') or 'no random forms'}")
     if not opts.smiles:
         raise SeqssmError("no SMILES file given")
+    if opts.randomize is not None and opts.randomize < 0:
+        raise SeqssmError(f"--randomize must be 0 (off) or a number of random forms, not {opts.randomize}")
     if finetune and not opts.model:
         raise SeqssmError("finetune-molecules needs --model (a pretrained chemical LM: bundled name or directory)")
     device = dist.device
@@ -294,6 +323,11 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
         # Rank 0 reads and checks the SMILES (RDKit is the slow part) and hands the sets to the others.
         fingerprint, train_smiles, valid_smiles, data = dist.on_main(read)
 
+        # Random forms: rank 0 draws them (RDKit again); pretraining adds their tokens to the vocabulary.
+        forms = None
+        if opts.randomize:
+            forms = dist.on_main(lambda: _random_forms(opts, train_smiles, valid_smiles, tokenizer, max_len, cfg.seed,
+                                                       data, display))
         if finetune:
             if opts.dropout is not None:
                 model_cfg = replace(model_cfg, dropout=opts.dropout)
@@ -304,6 +338,8 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
             model = S4ChemLM(S4ChemConfig(**saved["model_config"]))
         else:
             tokenizer = SmilesTokenizer.build(train_smiles + valid_smiles)
+            if forms is not None:
+                tokenizer = SmilesTokenizer(list(SmilesTokenizer.SPECIALS) + sorted(set(tokenizer.tokens[3:]) | forms[2]))
             mc = S4ChemConfig(vocab_size=len(tokenizer), max_len=max_len,
                               pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
             for name in ("d_model", "n_blocks", "d_state", "dropout", "kernel"):
@@ -312,15 +348,21 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
             torch.manual_seed(cfg.seed)
             model = S4ChemLM(mc)
 
-        train = encode_set(tokenizer, train_smiles, max_len)
-        valid = encode_set(tokenizer, valid_smiles, max_len)
-        data["train_tokens"] = train.n_targets
+        if forms is None:
+            train = encode_set(tokenizer, train_smiles, max_len, n_jobs=opts.n_jobs)
+            valid = encode_set(tokenizer, valid_smiles, max_len, n_jobs=opts.n_jobs)
+            data["train_tokens"] = train.n_targets
+        else:
+            train = [encode_set(tokenizer, f, max_len, n_jobs=opts.n_jobs) for f in forms[0]]
+            valid = encode_set(tokenizer, forms[1], max_len, n_jobs=opts.n_jobs)
+            data["train_tokens"] = train[0].n_targets  # per epoch: the first form's; the others are within ~1%
         data["valid_tokens"] = valid.n_targets
         n_params = sum(p.numel() for p in model.parameters())
         run = {
             "kind": opts.kind, "status": "running", "smiles": [str(Path(p).resolve()) for p in opts.smiles],
             "valid_file": str(Path(opts.valid_file).resolve()) if opts.valid_file else None,
             "valid_fraction": opts.valid_fraction, "max_len": max_len, "canonicalize": opts.canonicalize,
+            "randomize": opts.randomize or None,
             "column": opts.column, "model": opts.model, "fingerprint": fingerprint,
             "vocabulary": tokenizer.tokens, "model_config": asdict(model.cfg), "train_config": asdict(cfg),
             "data": data, "parameters": n_params,

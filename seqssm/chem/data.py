@@ -157,20 +157,24 @@ def _canonical_chunk(chunk: list[str]) -> list[str | None]:
     return [canonical(s) for s in chunk]
 
 
+def parallel_chunks(func, items: list, n_jobs: int, chunk: int = _CHUNK) -> list:
+    """[func(c) for c in chunks of `items`], in order, over `n_jobs` worker processes when worth it."""
+    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    if n_jobs is None or n_jobs < 1:
+        raise ValueError(f"n_jobs must be at least 1, got {n_jobs}")
+    if n_jobs == 1 or len(items) < _PARALLEL_MIN:
+        return [func(c) for c in chunks]
+    with multiprocessing.get_context().Pool(min(n_jobs, len(chunks))) as pool:
+        return list(pool.imap(func, chunks))
+
+
 def parallel_map(func, items: list, n_jobs: int, chunk: int = _CHUNK) -> list:
     """[func(chunk) for chunks of `items`] flattened, over `n_jobs` worker processes when worth it.
 
     `func` maps a list to a list of the same length (one worker call per chunk keeps the
     inter-process traffic low); the result keeps the order of `items`.
     """
-    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
-    if n_jobs is None or n_jobs < 1:
-        raise ValueError(f"n_jobs must be at least 1, got {n_jobs}")
-    if n_jobs == 1 or len(items) < _PARALLEL_MIN:
-        results = map(func, chunks)
-        return [r for part in results for r in part]
-    with multiprocessing.get_context().Pool(min(n_jobs, len(chunks))) as pool:
-        return [r for part in pool.imap(func, chunks) for r in part]
+    return [r for part in parallel_chunks(func, items, n_jobs, chunk) for r in part]
 
 
 def canonicalize_many(smiles: list[str], n_jobs: int = 1) -> list[str | None]:
@@ -283,3 +287,86 @@ def prepare_training_set(smiles: list[str], tokenizer: SmilesTokenizer | None, *
         n_duplicates=len(kept) - len(set(kept)),
         examples={r: e for r, e in examples.items() if e},
     )
+
+
+# -- randomised SMILES (data augmentation) ----------------------------------------------------
+
+@dataclass
+class RandomizedSet:
+    """`k` random SMILES of each molecule: ``forms[j][i]`` is the j-th form of molecule i.
+
+    A form is RDKit's "restricted" random SMILES (``doRandom``: a random atom order and traversal,
+    RDKit's branch rules kept; Arus-Pous et al., J. Cheminform. 11:71, 2019). A random form longer
+    than `max_tokens`, or with a token outside `allowed` (a fine-tuned model's vocabulary), is drawn
+    again, a few times; after that the molecule's given SMILES stands in (``n_given`` counts those).
+    ``tokens``: every token of every form.
+    """
+
+    forms: list[list[str]]
+    n_given: int
+    tokens: set[str]
+
+
+_REDRAWS = 8
+
+
+def _form_seed(seed: int, index: int, attempt: int = 0) -> int:
+    # RDKit takes a 31-bit seed; -1 would mean "unseeded", so the result is kept positive.
+    return (seed * 1_000_003 + index * 7_919 + attempt * 104_729 + 1) % 2_147_483_647
+
+
+class _RandomizeChunk:
+    """Picklable worker: `k` random forms for each (index, SMILES) of a chunk."""
+
+    def __init__(self, k: int, seed: int, max_tokens: int, allowed: frozenset | None):
+        self.k, self.seed, self.max_tokens, self.allowed = k, seed, max_tokens, allowed
+
+    def _fits(self, form: str) -> list[str] | None:
+        tokens = split_smiles(form)
+        if tokens is None or len(tokens) > self.max_tokens:
+            return None
+        if self.allowed is not None and not self.allowed.issuperset(tokens):
+            return None
+        return tokens
+
+    def __call__(self, chunk: list[tuple[int, str]]) -> tuple[list[list[str]], int, set[str]]:
+        rows, n_given, seen = [], 0, set()
+        for index, smiles in chunk:
+            mol = Chem.MolFromSmiles(smiles)
+            if mol is None:
+                raise InputError(f"SMILES '{smiles}'", "RDKit cannot parse it, so it has no random forms")
+            forms = list(Chem.MolToRandomSmilesVect(mol, self.k, randomSeed=_form_seed(self.seed, index)))
+            for j, form in enumerate(forms):
+                tokens = self._fits(form)
+                attempt = 0
+                while tokens is None and attempt < _REDRAWS:
+                    attempt += 1
+                    form = Chem.MolToRandomSmilesVect(mol, 1, randomSeed=_form_seed(self.seed, index, attempt * self.k + j))[0]
+                    tokens = self._fits(form)
+                if tokens is None:
+                    form, tokens = smiles, split_smiles(smiles)
+                    n_given += 1
+                forms[j] = form
+                seen.update(tokens)
+            rows.append(forms)
+        return rows, n_given, seen
+
+
+def randomized_smiles(smiles: list[str], k: int, *, seed: int, max_tokens: int, allowed: frozenset | None = None,
+                      n_jobs: int = 1) -> RandomizedSet:
+    """`k` seeded random SMILES of each molecule in `smiles` (which RDKit must parse and which must
+    fit `max_tokens` themselves: they are the fallback). The same (smiles, k, seed) always give the
+    same forms, whatever `n_jobs`, so a resumed run trains on the same strings."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    items = list(enumerate(smiles))
+    parts = parallel_chunks(_RandomizeChunk(k, seed, max_tokens, allowed), items, n_jobs)
+    forms: list[list[str]] = [[] for _ in range(k)]
+    n_given, seen = 0, set()
+    for rows, given, tokens in parts:
+        n_given += given
+        seen |= tokens
+        for row in rows:
+            for j in range(k):
+                forms[j].append(row[j])
+    return RandomizedSet(forms=forms, n_given=n_given, tokens=seen)

@@ -114,16 +114,39 @@ class EncodedSet:
         return EncodedSet(self.tokens.to(device), self.lengths.to(device))
 
 
-def encode_set(tokenizer, smiles: list[str], max_len: int, *, chunk: int = 100_000) -> EncodedSet:
-    """Encode SMILES (already checked to fit) into a compact padded tensor."""
-    dtype = torch.uint8 if len(tokenizer) <= 256 else torch.int16
-    tokens = torch.full((len(smiles), max_len), tokenizer.pad_id, dtype=dtype)
-    lengths = torch.zeros(len(smiles), dtype=torch.int16)
-    for s in range(0, len(smiles), chunk):
-        ids, lens = tokenizer.encode_batch(smiles[s:s + chunk], max_len=max_len)
-        tokens[s:s + ids.shape[0], : ids.shape[1]] = ids.to(dtype)
-        lengths[s:s + ids.shape[0]] = lens.to(torch.int16)
-    return EncodedSet(tokens, lengths)
+def encode_set(tokenizer, smiles: list[str], max_len: int, *, n_jobs: int = 1) -> EncodedSet:
+    """Encode SMILES (already checked to fit) into a compact padded tensor; `n_jobs` worker
+    processes for big sets (tens of millions of random forms take minutes in one process)."""
+    from seqssm.chem.data import parallel_chunks
+
+    dtype = np.uint8 if len(tokenizer) <= 256 else np.int16
+    parts = parallel_chunks(_EncodeChunk(tokenizer.tokens, max_len, dtype), list(smiles), n_jobs, chunk=20_000)
+    if not parts:
+        return EncodedSet(torch.from_numpy(np.zeros((0, max_len), dtype)), torch.zeros(0, dtype=torch.int16))
+    tokens = np.concatenate([t for t, _ in parts])
+    lengths = np.concatenate([n for _, n in parts])
+    return EncodedSet(torch.from_numpy(tokens), torch.from_numpy(lengths))
+
+
+class _EncodeChunk:
+    """Picklable worker: ids [n, max_len] (pad-filled) and lengths [n] of a chunk of SMILES."""
+
+    def __init__(self, vocabulary: list[str], max_len: int, dtype):
+        self.vocabulary, self.max_len, self.dtype = list(vocabulary), max_len, dtype
+
+    def __call__(self, chunk: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        from seqssm.chem.tokenizer import SmilesTokenizer, smiles_error
+
+        tok = SmilesTokenizer(self.vocabulary)
+        ids = np.full((len(chunk), self.max_len), tok.pad_id, dtype=self.dtype)
+        lengths = np.zeros(len(chunk), dtype=np.int16)
+        for row, smi in enumerate(chunk):
+            e = tok.encode(smi)
+            if len(e) > self.max_len:
+                raise smiles_error(smi, f"{len(e)} tokens with <bos> and <eos>, more than the maximum {self.max_len}")
+            ids[row, : len(e)] = e
+            lengths[row] = len(e)
+        return ids, lengths
 
 
 def padded_length(longest: int, max_len: int) -> int:
@@ -238,11 +261,18 @@ class MoleculeTrainer:
     also writes the vocabulary), so checkpoints and ``best/`` load like any model.
     """
 
-    def __init__(self, model, train: EncodedSet, valid: EncodedSet, cfg: MolTrainConfig, *, run_dir: Path,
+    def __init__(self, model, train: EncodedSet | list[EncodedSet], valid: EncodedSet, cfg: MolTrainConfig, *,
+                 run_dir: Path,
                  device: torch.device, save_model, extra_state: dict | None = None,
                  callbacks: Callbacks | None = None, compile: bool = False, plot: bool = True,
                  dist: Dist = SINGLE):
         cfg.validate()
+        # A list holds the same molecules written differently (random SMILES): epoch e trains on
+        # form e mod k, so every epoch sees each molecule once, in a new spelling.
+        forms = list(train) if isinstance(train, (list, tuple)) else [train]
+        if not forms or len({len(f) for f in forms}) != 1:
+            raise SeqssmError("the training forms must be one or more encoded sets of the same molecules")
+        train = forms[0]
         if len(train) == 0 or len(valid) == 0:
             raise SeqssmError("training and validation sets must each hold at least one molecule")
         self.cfg = cfg
@@ -254,7 +284,7 @@ class MoleculeTrainer:
         self.forward_model = torch.compile(train_fwd, dynamic=False) if compile else train_fwd
         self.pad_id = int(model.cfg.pad_id)
         # Keep the data where the model is: a batch is then one gather, no host round trip.
-        self.train = train.to(device) if device.type == "cuda" else train
+        self.train_forms = [f.to(device) for f in forms] if device.type == "cuda" else forms
         self.valid = valid.to(device) if device.type == "cuda" else valid
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +294,8 @@ class MoleculeTrainer:
         self.plot = plot
         # torch.compile wants one shape: then every batch is full and padded to the set's widest
         # molecule (the last partial batch of each shuffled epoch is left out).
-        self.fixed_width = padded_length(int(train.lengths.max()), train.tokens.shape[1]) if compile else None
+        widest = max(int(f.lengths.max()) for f in forms)
+        self.fixed_width = padded_length(widest, train.tokens.shape[1]) if compile else None
         if compile and len(train) < cfg.batch_size:
             raise SeqssmError(f"--compile needs at least --batch-size ({cfg.batch_size}) training molecules")
         self.steps_per_epoch = len(train) // cfg.batch_size if compile else -(-len(train) // cfg.batch_size)
@@ -368,8 +399,8 @@ class MoleculeTrainer:
     def _batch_index(self, step: int) -> torch.Tensor:
         epoch, k = divmod(step, self.steps_per_epoch)
         if self._order is None or self._order[0] != epoch:
-            perm = torch.from_numpy(epoch_order(len(self.train), self.cfg.seed, epoch))
-            self._order = (epoch, perm.to(self.train.tokens.device))
+            perm = torch.from_numpy(epoch_order(len(self.train_forms[0]), self.cfg.seed, epoch))
+            self._order = (epoch, perm.to(self.train_forms[0].tokens.device))
         return self._order[1][k * self.cfg.batch_size:(k + 1) * self.cfg.batch_size]
 
     def train_step(self) -> None:
@@ -381,10 +412,11 @@ class MoleculeTrainer:
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
         idx = self._batch_index(self.p.step)
+        data = self.train_forms[(self.p.step // self.steps_per_epoch) % len(self.train_forms)]
         if self.fixed_width:
-            x = self.train.tokens[idx, : self.fixed_width].to(self.device, non_blocking=True).long()
+            x = data.tokens[idx, : self.fixed_width].to(self.device, non_blocking=True).long()
         else:
-            x = batch_tensor(self.train, idx, self.device)
+            x = batch_tensor(data, idx, self.device)
         positions = x.numel() - x.shape[0]
         if self.dist.enabled:
             nll, n = self._shard_loss(x)

@@ -1,0 +1,180 @@
+"""Random SMILES forms as training data: RDKit randomisation, encoding, the per-epoch cycling in the
+trainer, and `pretrain-molecules/finetune-molecules --randomize` end to end on CPU.
+
+Real molecules: the NCI compounds RDKit ships (as in test_chem_pipelines.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from seqssm.cli.main import app
+
+rdkit = pytest.importorskip("rdkit")
+from rdkit import Chem, RDConfig  # noqa: E402
+
+from seqssm.chem.data import canonical, randomized_smiles  # noqa: E402
+from seqssm.chem.tokenizer import SmilesTokenizer, split_smiles  # noqa: E402
+from seqssm.training.molecules import (  # noqa: E402
+    MolTrainConfig,
+    MoleculeTrainer,
+    batch_tensor,
+    encode_set,
+    epoch_order,
+)
+
+NCI = Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi"
+runner = CliRunner()
+TINY = ["--d-model", "32", "--n-blocks", "1", "--d-state", "8", "--dropout", "0.0", "--batch-size", "64",
+        "--device", "cpu", "--seed", "0", "-q"]
+
+
+def _nci(n: int) -> list[str]:
+    out = []
+    for line in NCI.read_text().splitlines():
+        s = line.split()[0] if line.strip() else ""
+        if s and Chem.MolFromSmiles(s) is not None and len(s) < 70:
+            out.append(s)
+        if len(out) >= n:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def nci_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("nci") / "nci.smi"
+    p.write_text("\n".join(_nci(600)) + "\n")
+    return p
+
+
+def test_random_forms_are_the_same_molecules_written_differently():
+    smiles = _nci(300)
+    r = randomized_smiles(smiles, 4, seed=3, max_tokens=200)
+    assert len(r.forms) == 4 and all(len(f) == len(smiles) for f in r.forms)
+    assert r.n_given == 0
+    for i, s in enumerate(smiles):
+        want = canonical(s)
+        for j in range(4):
+            assert canonical(r.forms[j][i]) == want, (s, r.forms[j][i])
+    # Random, not the given strings: most molecules get at least two different spellings.
+    varied = sum(len({r.forms[j][i] for j in range(4)}) > 1 for i in range(len(smiles)))
+    assert varied > 0.9 * len(smiles)
+    assert r.tokens == {t for f in r.forms for s in f for t in split_smiles(s)}
+
+
+def test_random_forms_are_reproducible_and_independent_of_the_worker_count():
+    smiles = _nci(2600) * 2  # over the size at which workers start
+    one = randomized_smiles(smiles, 2, seed=5, max_tokens=200, n_jobs=1)
+    two = randomized_smiles(smiles, 2, seed=5, max_tokens=200, n_jobs=2)
+    assert one.forms == two.forms
+    other = randomized_smiles(smiles[:200], 2, seed=6, max_tokens=200)
+    assert other.forms[0] != one.forms[0][:200]
+
+
+def test_random_forms_respect_length_and_vocabulary_limits():
+    smiles = _nci(200)
+    longest = max(len(split_smiles(s)) for s in smiles)
+    r = randomized_smiles(smiles, 3, seed=0, max_tokens=longest)
+    assert max(len(split_smiles(f)) for forms in r.forms for f in forms) <= longest
+    # A vocabulary without ring-closure 2 (as when fine-tuning keeps a pretrained vocabulary): the
+    # given SMILES fit it (unknown tokens are skipped before this), their random forms must too.
+    written = [canonical(s) for s in smiles]  # RDKit's spelling (aromatic atoms in lower case)
+    allowed = frozenset(t for s in written for t in split_smiles(s)) - {"2"}
+    fitting = [s for s in written if set(split_smiles(s)) <= allowed]
+    r = randomized_smiles(fitting, 3, seed=0, max_tokens=200, allowed=allowed)
+    assert all(set(split_smiles(f)) <= allowed for forms in r.forms for f in forms)
+    unrestricted = randomized_smiles(fitting, 3, seed=0, max_tokens=200)
+    assert any("2" in split_smiles(f) for forms in unrestricted.forms for f in forms)
+    # No random form can do without a token outside the vocabulary: the given SMILES stands in.
+    kekule = "C1=CC=CC=C1CC(=O)O"  # RDKit writes benzene rings aromatic, in lower case
+    r = randomized_smiles([kekule, "CCO"], 3, seed=0, max_tokens=200, allowed=frozenset(split_smiles(kekule)))
+    assert [f[0] for f in r.forms] == [kekule] * 3 and r.n_given == 3
+
+
+def test_parallel_encoding_equals_serial():
+    smiles = _nci(2600) * 2
+    tok = SmilesTokenizer.build(smiles)
+    a = encode_set(tok, smiles, 100, n_jobs=1)
+    b = encode_set(tok, smiles, 100, n_jobs=2)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    ids, lens = tok.encode_batch(smiles[:50], max_len=100)
+    assert torch.equal(a.tokens[:50, : ids.shape[1]].long(), ids)
+    assert torch.equal(a.lengths[:50].long(), lens)
+
+
+def test_trainer_cycles_through_the_forms_one_per_epoch(tmp_path):
+    from seqssm.models.s4_chem import S4ChemConfig, S4ChemLM
+
+    smiles = _nci(40)
+    r = randomized_smiles(smiles, 2, seed=1, max_tokens=200)
+    tok = SmilesTokenizer.build(smiles + [f for forms in r.forms for f in forms])
+    forms = [encode_set(tok, f, 100) for f in r.forms]
+    valid = encode_set(tok, smiles[:8], 100)
+    model = S4ChemLM(S4ChemConfig(vocab_size=len(tok), d_model=16, n_blocks=1, d_state=4, dropout=0.0))
+    cfg = MolTrainConfig(epochs=3, batch_size=8, lr=1e-3, warmup_steps=0)
+    tr = MoleculeTrainer(model, forms, valid, cfg, run_dir=tmp_path, device=torch.device("cpu"),
+                         save_model=lambda m, d, info: m.save_pretrained(d, tokenizer=tok, info=info), plot=False)
+    seen = []
+    inner = tr.forward_model
+    tr.forward_model = lambda x: (seen.append(x.clone()), inner(x))[1]
+    for _ in range(tr.max_steps):
+        tr.train_step()
+    assert tr.steps_per_epoch == 5 and len(seen) == 15
+    for step, x in enumerate(seen):
+        epoch, k = divmod(step, 5)
+        idx = torch.from_numpy(epoch_order(40, cfg.seed, epoch))[k * 8:(k + 1) * 8]
+        want = batch_tensor(forms[epoch % 2], idx, torch.device("cpu"))
+        assert torch.equal(x, want[:, :-1]), step
+    assert not torch.equal(forms[0].tokens, forms[1].tokens)
+
+
+def test_pretrain_with_random_forms_end_to_end_and_resume(tmp_path, nci_file):
+    from safetensors.torch import load_file
+
+    from seqssm.chem.model_dir import load_chem_model
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--epochs", "3", "--randomize", "2", "--lr", "3e-3", "--warmup-steps", "3", *TINY]
+    r = runner.invoke(app, ["pretrain-molecules", str(nci_file), "-o", str(a), *args])
+    assert r.exit_code == 0, r.output
+    run = json.loads((a / "run.json").read_text())
+    assert run["randomize"] == 2 and run["status"] == "finished"
+    loaded = load_chem_model(a)
+    forms = loaded.info["training_data"]["random_forms"]
+    assert forms["per_molecule"] == 2 and forms["given_kept"] == 0
+    # The vocabulary covers the random forms: every token of the given SMILES and of their forms.
+    given = [line for line in nci_file.read_text().split()]
+    assert {t for s in given for t in split_smiles(s)} <= set(loaded.tokenizer.tokens)
+
+    # Interrupted and resumed: the same weights as the uninterrupted run.
+    r = runner.invoke(app, ["pretrain-molecules", str(nci_file), "-o", str(b), "--max-steps-this-run", "11", *args])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["pretrain-molecules", "-o", str(b), "--resume", "--randomize", "3", *args[4:]])
+    assert r.exit_code == 1 and "--randomize" in r.output
+    r = runner.invoke(app, ["pretrain-molecules", "-o", str(b), "--resume", *args])
+    assert r.exit_code == 0, r.output
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_finetune_with_random_forms_keeps_the_vocabulary(tmp_path, nci_file):
+    from seqssm.chem.model_dir import load_chem_model
+
+    base = tmp_path / "base"
+    r = runner.invoke(app, ["pretrain-molecules", str(nci_file), "-o", str(base), "--epochs", "1", *TINY])
+    assert r.exit_code == 0, r.output
+    actives = tmp_path / "actives.smi"
+    actives.write_text("\n".join(_nci(700)[600:700]) + "\n")
+    out = tmp_path / "ft"
+    r = runner.invoke(app, ["finetune-molecules", str(actives), "-o", str(out), "--model", str(base), "--epochs", "2",
+                            "--randomize", "4", "--batch-size", "16", "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    ft = load_chem_model(out)
+    assert ft.tokenizer.tokens == load_chem_model(base).tokenizer.tokens
+    assert ft.info["training_data"]["random_forms"]["per_molecule"] == 4
