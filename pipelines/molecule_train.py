@@ -201,6 +201,48 @@ def _random_forms(opts: MoleculeTrainOptions, train: list, valid: list, tokenize
     return tr.forms, va.forms[0], tr.tokens | va.tokens
 
 
+FORMS_CACHE = "random-forms.pt"
+
+
+def _save_forms(out: Path, key: dict, train: list, valid, info: dict) -> None:
+    """Write the encoded random forms into the run directory (atomically), trimmed to their widest."""
+    import torch
+
+    width = max(int(f.lengths.max()) for f in train + [valid])
+    blob = {"key": json.dumps(key, sort_keys=True), "info": json.dumps(info),
+            "train_tokens": torch.stack([f.tokens[:, :width] for f in train]),
+            "train_lengths": torch.stack([f.lengths for f in train]),
+            "valid_tokens": valid.tokens[:, :width].clone(), "valid_lengths": valid.lengths}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{FORMS_CACHE}.tmp-{os.getpid()}"
+    torch.save(blob, tmp)
+    os.replace(tmp, out / FORMS_CACHE)
+
+
+def _load_forms(out: Path, key: dict):
+    """(train forms, validation set, their record) from FORMS_CACHE when it was written for `key`; else None."""
+    import torch
+
+    from seqssm.training.molecules import EncodedSet
+
+    path = out / FORMS_CACHE
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged cache is only a cache: draw the forms again
+        return None
+    if blob.get("key") != json.dumps(key, sort_keys=True):
+        return None
+    max_len = key["max_len"]
+
+    def widen(t):
+        return torch.nn.functional.pad(t, (0, max_len - t.shape[-1]), value=0)  # <pad> is id 0
+
+    train = [EncodedSet(widen(t), n) for t, n in zip(blob["train_tokens"], blob["train_lengths"])]
+    return train, EncodedSet(widen(blob["valid_tokens"]), blob["valid_lengths"]), json.loads(blob["info"])
+
+
 def _report_skipped(prepared, what: str, display) -> None:
     for attr, label in (("n_unparsable", "unparsable by RDKit"), ("n_too_long", "longer than the model's maximum"),
                         ("n_unknown_token", "with tokens outside the model's vocabulary")):
@@ -323,11 +365,20 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
         # Rank 0 reads and checks the SMILES (RDKit is the slow part) and hands the sets to the others.
         fingerprint, train_smiles, valid_smiles, data = dist.on_main(read)
 
-        # Random forms: rank 0 draws them (RDKit again); pretraining adds their tokens to the vocabulary.
-        forms = None
+        # Random forms: rank 0 draws them (RDKit again; minutes for millions of molecules, so a resumed
+        # run reads them back from FORMS_CACHE); pretraining adds their tokens to the vocabulary.
+        forms = cached = None
         if opts.randomize:
-            forms = dist.on_main(lambda: _random_forms(opts, train_smiles, valid_smiles, tokenizer, max_len, cfg.seed,
-                                                       data, display))
+            cache_key = {"fingerprint": fingerprint, "randomize": opts.randomize, "seed": cfg.seed, "max_len": max_len,
+                         "train_molecules": len(train_smiles), "valid_molecules": len(valid_smiles)}
+            if saved is not None:
+                cached = dist.on_main(lambda: _load_forms(out, {**cache_key, "vocabulary": saved["vocabulary"]}))
+            if cached is not None:
+                data["random_forms"] = cached[2]
+                display.log(f"read the {opts.randomize} random forms of each molecule back from {out / FORMS_CACHE}")
+            else:
+                forms = dist.on_main(lambda: _random_forms(opts, train_smiles, valid_smiles, tokenizer, max_len,
+                                                           cfg.seed, data, display))
         if finetune:
             if opts.dropout is not None:
                 model_cfg = replace(model_cfg, dropout=opts.dropout)
@@ -348,14 +399,18 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
             torch.manual_seed(cfg.seed)
             model = S4ChemLM(mc)
 
-        if forms is None:
-            train = encode_set(tokenizer, train_smiles, max_len, n_jobs=opts.n_jobs)
-            valid = encode_set(tokenizer, valid_smiles, max_len, n_jobs=opts.n_jobs)
-            data["train_tokens"] = train.n_targets
-        else:
+        if cached is not None:
+            train, valid = cached[0], cached[1]
+        elif forms is not None:
             train = [encode_set(tokenizer, f, max_len, n_jobs=opts.n_jobs) for f in forms[0]]
             valid = encode_set(tokenizer, forms[1], max_len, n_jobs=opts.n_jobs)
-            data["train_tokens"] = train[0].n_targets  # per epoch: the first form's; the others are within ~1%
+            key = {**cache_key, "vocabulary": tokenizer.tokens}
+            dist.on_main(lambda: _save_forms(out, key, train, valid, data["random_forms"]))
+        else:
+            train = encode_set(tokenizer, train_smiles, max_len, n_jobs=opts.n_jobs)
+            valid = encode_set(tokenizer, valid_smiles, max_len, n_jobs=opts.n_jobs)
+        # per epoch; with random forms the first form's (the others are within ~1%)
+        data["train_tokens"] = (train[0] if isinstance(train, list) else train).n_targets
         data["valid_tokens"] = valid.n_targets
         n_params = sum(p.numel() for p in model.parameters())
         run = {
@@ -398,7 +453,8 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
             resumed_from = trainer.step
             display.log(f"resumed from {ckpt} (step {trainer.step:,}, epoch {trainer.epoch})")
         else:
-            display.log(f"{opts.kind}: {len(train):,} training / {len(valid):,} validation molecules, "
+            n_train = len(train[0]) if isinstance(train, list) else len(train)
+            display.log(f"{opts.kind}: {n_train:,} training / {len(valid):,} validation molecules, "
                         f"{n_params:,} parameters, vocabulary {len(tokenizer)}, on "
                         f"{f'{dist.world_size} x ' if dist.enabled else ''}{device}")
         outcome = trainer.fit(StopRule(max_minutes=opts.max_minutes, max_steps_this_run=opts.max_steps_this_run))

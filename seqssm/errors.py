@@ -25,6 +25,14 @@ class InputError(SeqssmError):
         super().__init__(f"{', '.join(where)}: {message}")
         self.reason = message
 
+    def __reduce__(self):
+        # Picklable with its keyword arguments, so an error raised in a worker process reaches the caller.
+        return _rebuild_input_error, (self.path, self.reason, self.record, self.line)
+
+
+def _rebuild_input_error(path, message, record, line) -> InputError:
+    return InputError(path, message, record=record, line=line)
+
 
 def file_error(path, exc: OSError, what: str) -> InputError:
     """The one-line error for a file that cannot be opened; `what` names the expected kind ("a FASTA file")."""

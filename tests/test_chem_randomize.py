@@ -156,6 +156,11 @@ def test_pretrain_with_random_forms_end_to_end_and_resume(tmp_path, nci_file):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["pretrain-molecules", "-o", str(b), "--resume", "--randomize", "3", *args[4:]])
     assert r.exit_code == 1 and "--randomize" in r.output
+    assert (b / "random-forms.pt").is_file()  # the encoded forms, so a resumed run need not draw them again
+    r = runner.invoke(app, ["pretrain-molecules", "-o", str(b), "--resume", "--max-steps-this-run", "5", *args[:-1]])
+    assert r.exit_code == 0, r.output
+    assert "read the 2 random forms of each molecule back" in r.output
+    (b / "random-forms.pt").write_bytes(b"damaged")  # a damaged cache is drawn again, not trusted
     r = runner.invoke(app, ["pretrain-molecules", "-o", str(b), "--resume", *args])
     assert r.exit_code == 0, r.output
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
@@ -178,3 +183,14 @@ def test_finetune_with_random_forms_keeps_the_vocabulary(tmp_path, nci_file):
     ft = load_chem_model(out)
     assert ft.tokenizer.tokens == load_chem_model(base).tokenizer.tokens
     assert ft.info["training_data"]["random_forms"]["per_molecule"] == 4
+
+
+def test_an_error_in_a_worker_process_reaches_the_caller():
+    from seqssm.errors import InputError
+
+    smiles = _nci(2600) * 2
+    tok = SmilesTokenizer.build(smiles[:100])
+    missing = next(s for s in smiles if not set(split_smiles(s)) <= set(tok.tokens))
+    with pytest.raises(InputError, match="not in the vocabulary"):
+        encode_set(tok, smiles, 100, n_jobs=2)
+    assert missing
