@@ -192,10 +192,14 @@ def run_generate(opts: GenerateOptions, console=None) -> GenerateSummary:
                 if len(rows) >= opts.n:
                     break
             bar.advance(added)
-    train, train_name = _training_set(opts.training_set, loaded.info, n_jobs=opts.n_jobs)
-    novel = len(valid_canon - train) if train is not None else None
     if opts.output is not None:
         write_molecules(rows, opts.output, kind)
+    # Novelty canonicalises the whole training set (minutes for MOSES): only when it will be shown
+    # or was asked for, and after the molecules are safely written.
+    train = train_name = None
+    if not opts.quiet or opts.training_set is not None:
+        train, train_name = _training_set(opts.training_set, loaded.info, n_jobs=opts.n_jobs)
+    novel = len(valid_canon - train) if train is not None else None
     if opts.grid is not None:
         from seqssm.chem.plots import molecule_grid
 

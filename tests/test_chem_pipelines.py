@@ -287,3 +287,19 @@ def test_models_dir_of_other_kind_is_refused(tmp_path):
     (d / "config.json").write_text(json.dumps({"model_type": "hyenadna"}))
     with pytest.raises(SeqssmError, match="not a chemical language model"):
         load_chem_model(d)
+
+
+def test_quiet_generate_skips_the_training_set_scan(tmp_path, tiny_model, monkeypatch):
+    """Novelty canonicalises the whole training set (minutes for MOSES): only when it is shown or asked for."""
+    import seqssm.pipelines.molecules as pm
+
+    calls = []
+    real = pm._training_set
+    monkeypatch.setattr(pm, "_training_set", lambda *a, **k: (calls.append(a), real(*a, **k))[1])
+    out = tmp_path / "q.smi"
+    base = ["generate-molecules", "-n", "20", "--model", str(tiny_model), "--device", "cpu", "-o", str(out)]
+    r = runner.invoke(app, [*base, "-q"])
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and not calls
+    r = runner.invoke(app, base)
+    assert r.exit_code == 0 and len(calls) == 1 and "novelty" in r.output
