@@ -148,3 +148,31 @@ def error_line(res) -> str:
     assert lines[0].startswith("error:"), lines[0]
     assert "Traceback" not in res.output
     return lines[0]
+
+
+# A tiny S4 chemical LM for CPU tests of the molecule commands.
+TINY_CHEM = ["--d-model", "32", "--n-blocks", "1", "--d-state", "8", "--dropout", "0.0", "--batch-size", "64",
+             "--device", "cpu", "--seed", "0", "-q"]
+
+
+def nci_smiles(n: int) -> list[str]:
+    """The first `n` NCI compounds RDKit ships (rdkit/Data/NCI/first_5K.smi) that it parses and that
+    are under 70 characters: real molecules for the chemistry tests."""
+    from rdkit import Chem, RDConfig
+
+    out = []
+    for line in (Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi").read_text().splitlines():
+        s = line.split()[0] if line.strip() else ""
+        if s and Chem.MolFromSmiles(s) is not None and len(s) < 70:
+            out.append(s)
+        if len(out) >= n:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def nci_file(tmp_path_factory, request) -> Path:
+    """A .smi file of nci_smiles(N), N = the test module's NCI_MOLECULES (default 1200)."""
+    p = tmp_path_factory.mktemp("nci") / "nci.smi"
+    p.write_text("\n".join(nci_smiles(getattr(request.module, "NCI_MOLECULES", 1200))) + "\n")
+    return p

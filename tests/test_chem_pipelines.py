@@ -16,34 +16,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import TINY_CHEM, nci_smiles
 from seqssm.cli.main import app
 from seqssm.errors import SeqssmError
 
 rdkit = pytest.importorskip("rdkit")
-from rdkit import Chem, RDConfig  # noqa: E402
+from rdkit import Chem  # noqa: E402
 
-NCI = Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi"
 runner = CliRunner()
-TINY = ["--d-model", "32", "--n-blocks", "1", "--d-state", "8", "--dropout", "0.0", "--batch-size", "64",
-        "--device", "cpu", "--seed", "0", "-q"]
-
-
-def _nci_smiles(n: int) -> list[str]:
-    out = []
-    for line in NCI.read_text().splitlines():
-        s = line.split()[0] if line.strip() else ""
-        if s and Chem.MolFromSmiles(s) is not None and len(s) < 70:
-            out.append(s)
-        if len(out) >= n:
-            break
-    return out
-
-
-@pytest.fixture(scope="module")
-def nci_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("nci") / "nci.smi"
-    p.write_text("\n".join(_nci_smiles(1200)) + "\n")
-    return p
+TINY = TINY_CHEM
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +80,7 @@ def test_resume_refuses_changed_data_or_settings(tmp_path, nci_file):
                             "--lr", "0.5", "-q"])
     assert r.exit_code == 1 and "--lr" in r.output
     other = tmp_path / "other.smi"
-    other.write_text("\n".join(_nci_smiles(300)) + "\n")
+    other.write_text("\n".join(nci_smiles(300)) + "\n")
     r = runner.invoke(app, ["pretrain-molecules", str(other), "-o", str(out), "--resume", "--epochs", "2", *TINY])
     assert r.exit_code == 1 and "differ" in r.output
     r = runner.invoke(app, ["pretrain-molecules", str(nci_file), "-o", str(out), "--epochs", "2", *TINY])
@@ -132,7 +113,7 @@ def test_finetune_keeps_vocabulary_and_skips_unknown_tokens(tmp_path, tiny_model
     from seqssm.chem.model_dir import load_chem_model
 
     base = load_chem_model(tiny_model)
-    actives = _nci_smiles(1300)[1200:1300] + ["[Pt]Cl", "C[Se]C"]  # tokens the small vocabulary may lack
+    actives = nci_smiles(1300)[1200:1300] + ["[Pt]Cl", "C[Se]C"]  # tokens the small vocabulary may lack
     f = tmp_path / "actives.smi"
     f.write_text("\n".join(actives) + "\n")
     out = tmp_path / "ft"
@@ -267,7 +248,7 @@ def test_generate_errors(tmp_path, tiny_model):
 
 def test_score_molecules(tmp_path, tiny_model):
     f = tmp_path / "s.smi"
-    good = _nci_smiles(5)
+    good = nci_smiles(5)
     f.write_text("\n".join(good + ["C[Xe]C"]) + "\n")
     out = tmp_path / "scores.csv"
     r = runner.invoke(app, ["score-molecules", str(f), "--model", str(tiny_model), "-o", str(out), "--device", "cpu"])

@@ -1,7 +1,7 @@
 """Random SMILES forms as training data: RDKit randomisation, encoding, the per-epoch cycling in the
 trainer, and `pretrain-molecules/finetune-molecules --randomize` end to end on CPU.
 
-Real molecules: the NCI compounds RDKit ships (as in test_chem_pipelines.py).
+Real molecules: the NCI compounds RDKit ships (conftest.nci_smiles).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import TINY_CHEM, nci_smiles
 from seqssm.cli.main import app
 
 rdkit = pytest.importorskip("rdkit")
-from rdkit import Chem, RDConfig  # noqa: E402
 
 from seqssm.chem.data import canonical, randomized_smiles  # noqa: E402
 from seqssm.chem.tokenizer import SmilesTokenizer, split_smiles  # noqa: E402
@@ -28,32 +28,13 @@ from seqssm.training.molecules import (  # noqa: E402
     epoch_order,
 )
 
-NCI = Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi"
 runner = CliRunner()
-TINY = ["--d-model", "32", "--n-blocks", "1", "--d-state", "8", "--dropout", "0.0", "--batch-size", "64",
-        "--device", "cpu", "--seed", "0", "-q"]
-
-
-def _nci(n: int) -> list[str]:
-    out = []
-    for line in NCI.read_text().splitlines():
-        s = line.split()[0] if line.strip() else ""
-        if s and Chem.MolFromSmiles(s) is not None and len(s) < 70:
-            out.append(s)
-        if len(out) >= n:
-            break
-    return out
-
-
-@pytest.fixture(scope="module")
-def nci_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("nci") / "nci.smi"
-    p.write_text("\n".join(_nci(600)) + "\n")
-    return p
+TINY = TINY_CHEM
+NCI_MOLECULES = 600  # molecules in the nci_file fixture (conftest)
 
 
 def test_random_forms_are_the_same_molecules_written_differently():
-    smiles = _nci(300)
+    smiles = nci_smiles(300)
     r = randomized_smiles(smiles, 4, seed=3, max_tokens=200)
     assert len(r.forms) == 4 and all(len(f) == len(smiles) for f in r.forms)
     assert r.n_given == 0
@@ -68,7 +49,7 @@ def test_random_forms_are_the_same_molecules_written_differently():
 
 
 def test_random_forms_are_reproducible_and_independent_of_the_worker_count():
-    smiles = _nci(2600) * 2  # over the size at which workers start
+    smiles = nci_smiles(2600) * 2  # over the size at which workers start
     one = randomized_smiles(smiles, 2, seed=5, max_tokens=200, n_jobs=1)
     two = randomized_smiles(smiles, 2, seed=5, max_tokens=200, n_jobs=2)
     assert one.forms == two.forms
@@ -77,7 +58,7 @@ def test_random_forms_are_reproducible_and_independent_of_the_worker_count():
 
 
 def test_random_forms_respect_length_and_vocabulary_limits():
-    smiles = _nci(200)
+    smiles = nci_smiles(200)
     longest = max(len(split_smiles(s)) for s in smiles)
     r = randomized_smiles(smiles, 3, seed=0, max_tokens=longest)
     assert max(len(split_smiles(f)) for forms in r.forms for f in forms) <= longest
@@ -97,7 +78,7 @@ def test_random_forms_respect_length_and_vocabulary_limits():
 
 
 def test_parallel_encoding_equals_serial():
-    smiles = _nci(2600) * 2
+    smiles = nci_smiles(2600) * 2
     tok = SmilesTokenizer.build(smiles)
     a = encode_set(tok, smiles, 100, n_jobs=1)
     b = encode_set(tok, smiles, 100, n_jobs=2)
@@ -110,7 +91,7 @@ def test_parallel_encoding_equals_serial():
 def test_trainer_cycles_through_the_forms_one_per_epoch(tmp_path):
     from seqssm.models.s4_chem import S4ChemConfig, S4ChemLM
 
-    smiles = _nci(40)
+    smiles = nci_smiles(40)
     r = randomized_smiles(smiles, 2, seed=1, max_tokens=200)
     tok = SmilesTokenizer.build(smiles + [f for forms in r.forms for f in forms])
     forms = [encode_set(tok, f, 100) for f in r.forms]
@@ -175,7 +156,7 @@ def test_finetune_with_random_forms_keeps_the_vocabulary(tmp_path, nci_file):
     r = runner.invoke(app, ["pretrain-molecules", str(nci_file), "-o", str(base), "--epochs", "1", *TINY])
     assert r.exit_code == 0, r.output
     actives = tmp_path / "actives.smi"
-    actives.write_text("\n".join(_nci(700)[600:700]) + "\n")
+    actives.write_text("\n".join(nci_smiles(700)[600:700]) + "\n")
     out = tmp_path / "ft"
     r = runner.invoke(app, ["finetune-molecules", str(actives), "-o", str(out), "--model", str(base), "--epochs", "2",
                             "--randomize", "4", "--batch-size", "16", "--device", "cpu", "-q"])
@@ -188,7 +169,7 @@ def test_finetune_with_random_forms_keeps_the_vocabulary(tmp_path, nci_file):
 def test_an_error_in_a_worker_process_reaches_the_caller():
     from seqssm.errors import InputError
 
-    smiles = _nci(2600) * 2
+    smiles = nci_smiles(2600) * 2
     tok = SmilesTokenizer.build(smiles[:100])
     missing = next(s for s in smiles if not set(split_smiles(s)) <= set(tok.tokens))
     with pytest.raises(InputError, match="not in the vocabulary"):
