@@ -171,7 +171,6 @@ def test_an_error_in_a_worker_process_reaches_the_caller():
 
     smiles = nci_smiles(2600) * 2
     tok = SmilesTokenizer.build(smiles[:100])
-    missing = next(s for s in smiles if not set(split_smiles(s)) <= set(tok.tokens))
+    assert any(not set(split_smiles(s)) <= set(tok.tokens) for s in smiles)  # some SMILES cannot be encoded
     with pytest.raises(InputError, match="not in the vocabulary"):
         encode_set(tok, smiles, 100, n_jobs=2)
-    assert missing

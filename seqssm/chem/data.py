@@ -361,12 +361,7 @@ def randomized_smiles(smiles: list[str], k: int, *, seed: int, max_tokens: int, 
         raise ValueError(f"k must be at least 1, got {k}")
     items = list(enumerate(smiles))
     parts = parallel_chunks(_RandomizeChunk(k, seed, max_tokens, allowed), items, n_jobs)
-    forms: list[list[str]] = [[] for _ in range(k)]
-    n_given, seen = 0, set()
-    for rows, given, tokens in parts:
-        n_given += given
-        seen |= tokens
-        for row in rows:
-            for j in range(k):
-                forms[j].append(row[j])
-    return RandomizedSet(forms=forms, n_given=n_given, tokens=seen)
+    rows = [row for part_rows, _, _ in parts for row in part_rows]
+    forms = [list(column) for column in zip(*rows)] if rows else [[] for _ in range(k)]
+    return RandomizedSet(forms=forms, n_given=sum(given for _, given, _ in parts),
+                         tokens=set().union(*(tokens for _, _, tokens in parts)))
