@@ -73,22 +73,13 @@ def main() -> None:
                                                              "best_epoch": r["metrics"].get("best_epoch")}
         print(f"{label}: {results[label]}", flush=True)
 
-    # The same split through the pipeline's own loader, for the k-mer baseline.
-    opts = _options_from_cli(ft_args)
-    split, *_ = ft._load_data(asdict(opts))
     t0 = time.perf_counter()
-    km = KmerLogistic(split.train.task).fit(
-        [e.ids for e in split.train.examples], _targets(split.train),
-        [e.ids for e in split.valid.examples], _targets(split.valid),
-    )
-    p = km.predict([e.ids for e in split.test.examples])
-    y = _targets(split.test)
-    m = compute_metrics(split.test.task, y, p, split.test.label_names)
+    m, curve, l2 = kmer_baseline(ft_args)
+    split, *_ = ft._load_data(asdict(_options_from_cli(ft_args)))
     results["k-mer logistic"] = {k2: m.get(k2) for k2 in KEYS} | {"seconds": round(time.perf_counter() - t0, 1),
-                                                                 "l2": km.l2_}
-    if split.test.task == "binary":
-        fpr, tpr, _ = roc_curve(y, p)
-        curves["k-mer logistic"] = (fpr, tpr, m["auroc"])
+                                                                 "l2": l2}
+    if curve is not None:
+        curves["k-mer logistic"] = curve
         for label in runs:
             pred = _read_predictions(outdir / label / "test_predictions.tsv", split.test.label_names)
             fpr, tpr, _ = roc_curve(*pred)
@@ -105,6 +96,24 @@ def main() -> None:
     for label, r in results.items():
         f = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
         print(f"| {label} | {f(r['accuracy'])} | {f(r['mcc'])} | {f(r['auroc'])} | {f(r['auprc'])} | {r['seconds']} |")
+
+
+def kmer_baseline(ft_args: list[str]):
+    """(test metrics, ROC curve or None, chosen l2) of the k-mer logistic regression on the split the
+    pipeline's own loader makes from these `seqssm finetune` options."""
+    split, *_ = ft._load_data(asdict(_options_from_cli(ft_args)))
+    km = KmerLogistic(split.train.task).fit(
+        [e.ids for e in split.train.examples], _targets(split.train),
+        [e.ids for e in split.valid.examples], _targets(split.valid),
+    )
+    p = km.predict([e.ids for e in split.test.examples])
+    y = _targets(split.test)
+    m = compute_metrics(split.test.task, y, p, split.test.label_names)
+    curve = None
+    if split.test.task == "binary":
+        fpr, tpr, _ = roc_curve(y, p)
+        curve = (fpr, tpr, m["auroc"])
+    return m, curve, km.l2_
 
 
 def _options_from_cli(args: list[str]) -> "ft.FinetuneOptions":

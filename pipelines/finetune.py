@@ -130,6 +130,7 @@ class FinetuneOptions:
     pooling: str | None = None
     dropout: float | None = None
     freeze_backbone: bool | None = None
+    probe_epochs: int | None = None
     class_weights: str | None = None
     rc_augment: bool | None = None
     rc_average: bool | None = None
@@ -403,12 +404,30 @@ def _check_lengths(parts: dict, max_len: int | None, kind: str) -> None:
                                   f"model's maximum length {max_len}; {hint}")
 
 
+def _flatten_length(parts: dict, kind: str) -> int:
+    """The one length of every input, which --pooling flatten needs; else an error naming the line."""
+    first = None
+    for labeled, _arr in parts.values():
+        if labeled is None:
+            continue
+        for e in labeled.examples:
+            if first is None:
+                first = (labeled.source, e)
+            elif len(e.ids) != len(first[1].ids):
+                src, e0 = first
+                hint = "resize the regions with --length" if kind == "bed" else "cut or pad them to one length"
+                raise SeqssmError(f"{labeled.source}, line {e.line}: {e.name} is {len(e.ids)} bp, but {src}, line "
+                                  f"{e0.line} ({e0.name}) is {len(e0.ids)} bp; --pooling flatten needs inputs of one "
+                                  f"length ({hint}, or use --pooling mean)")
+    return len(first[1].ids)
+
+
 def command_line(opts: FinetuneOptions) -> str:
     """The `seqssm finetune` command equivalent to ``opts`` (options left unset are omitted)."""
     words = ["seqssm", "finetune", "-o", str(opts.output)]
     for name in ("regions", "genome", "sequences", "train", "valid", "test", "sequence_column", "length", "split",
                  "split_seed", "model", "epochs", "batch_size", "eval_batch_size", "lr", "head_lr", "min_lr_ratio",
-                 "warmup_fraction", "weight_decay", "grad_clip", "seed", "pooling", "dropout", "class_weights",
+                 "warmup_fraction", "weight_decay", "grad_clip", "seed", "pooling", "dropout", "probe_epochs", "class_weights",
                  "patience", "early_stop_metric", "max_minutes", "max_steps_this_run"):
         v = getattr(opts, name)
         if v is not None:
@@ -559,9 +578,11 @@ def _run_finetune(opts: FinetuneOptions, console, dist: Dist) -> FinetuneSummary
 
     # The model.
     _check_lengths({"train": (train_l, train), "valid": (valid_l, valid), "test": (test_l, test)}, max_len, kind)
+    flat_len = (_flatten_length({"train": (train_l, train), "valid": (valid_l, valid), "test": (test_l, test)}, kind)
+                if cfg.pooling == "flatten" else None)
     loss_fn = TaskLoss(task, train_l.n_outputs, train.targets, class_weights=cfg.class_weights)
     head_cfg = HeadConfig(task=task, n_outputs=train_l.n_outputs, pooling=cfg.pooling, label_names=label_names,
-                          dropout=cfg.dropout, target_mean=loss_fn.mean, target_std=loss_fn.std)
+                          dropout=cfg.dropout, target_mean=loss_fn.mean, target_std=loss_fn.std, length=flat_len)
     torch.manual_seed(cfg.seed)
     # --from-scratch: the same architecture, randomly initialised (and fed the same inputs: n_as_pad)
     backbone = new_backbone(config) if d.get("from_scratch") else lm_backbone(loaded.model)
@@ -640,8 +661,9 @@ def _run_finetune(opts: FinetuneOptions, console, dist: Dist) -> FinetuneSummary
         display.log("no checkpoint yet: starting from step 0")
     display.log(f"model: {'randomly initialised ' if d.get('from_scratch') else ''}{d['model']}, {architecture}"
                 f" + {cfg.pooling}-pooled linear head; "
-                f"{n_trainable:,} of {n_params:,} parameters trained; device {_device_name(device, dist)}"
-                f"{' (bf16 autocast)' if device.type == 'cuda' else ''}")
+                f"{n_trainable:,} of {n_params:,} parameters trained"
+                f"{f' (the head alone for the first {cfg.probe_epochs} epochs)' if cfg.probe_epochs else ''}; "
+                f"device {_device_name(device, dist)}{' (bf16 autocast)' if device.type == 'cuda' else ''}")
     if model.strand_invariant and (cfg.rc_average or cfg.rc_augment):
         why = "--pooling both" if cfg.pooling == "both" else "a Caduceus-PS (RC-equivariant) with mean pooling"
         display.log(f"note: {why} is strand-symmetric by construction: --rc-augment changes nothing but float "

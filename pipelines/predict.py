@@ -122,6 +122,13 @@ def run_predict(opts: PredictOptions) -> PredictSummary:
             f"{max_len} bp (fine-tune with --length, or cut the regions)"
         )
 
+    if head.pooling == "flatten":
+        wrong = [e for e in data.examples if len(e.ids) != head.length]
+        if wrong:
+            e = wrong[0]
+            raise SeqssmError(f"{src}, line {e.line}: {e.name} is {len(e.ids)} bp; the model's flatten-pooled head "
+                              f"takes sequences of exactly {head.length} bp")
+
     t0 = time.perf_counter()
     order = np.argsort([len(e.ids) for e in data.examples], kind="stable")  # similar lengths batch together
     outputs: list[np.ndarray | None] = [None] * len(data.examples)

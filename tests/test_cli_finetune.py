@@ -135,6 +135,8 @@ def test_length_beyond_the_model_maximum(files, tmp_path):
     (["--task", "ranking"], "--task"),
     (["--early-stop-metric", "pearson"], "not a binary metric"),
     (["--length", "0"], "--length"),
+    (["--probe-epochs", "3", "--epochs", "3"], "--probe-epochs"),
+    (["--probe-epochs", "1", "--freeze-backbone"], "exclude each other"),
 ])
 def test_bad_options_are_one_line_errors(files, tmp_path, args, words):
     line = error_line(invoke("-o", tmp_path / "o", "--regions", files["bed"], "--genome", files["genome"],

@@ -2,7 +2,7 @@
 
     input_ids [B, L] (right-padded with PAD), lengths [B]
       -> backbone features                                     hidden [B, L, d_model]
-      -> pooling over each sequence's own positions            pooled [B, d_model]
+      -> pooling over each sequence's own positions            pooled [B, d_model] (flatten: [B, L * d_model])
       -> dropout -> Linear                                     logits [B, n_outputs]
 
 Backbones (SequenceClassifier.architecture, from the config's type):
@@ -25,7 +25,12 @@ Pooling:
          whole sequence; for a bidirectional one, just the last base's state);
   both   the mean-pooled forward pass averaged with the mean-pooled pass over the reverse
          complement (each sequence reverse-complemented within its own length): the logits of x
-         and of rc(x) are the same, so the model is strand-symmetric by construction.
+         and of rc(x) are the same, so the model is strand-symmetric by construction;
+  flatten  the features of every position side by side, divided by the length: a weight vector
+         per position (HeadConfig.length, which every input must have), for aligned inputs in
+         which where a motif sits matters (promoters around a TSS, windows centred on a site). With all
+         position weights equal it is mean pooling, hence the 1/length: AdamW's steps move the
+         logits as fast as they do under mean pooling, not length times faster.
 A Caduceus-PS with mean pooling is strand-symmetric already (its features of rc(x) are those of x
 reversed in position), so "both" is "mean" there (no second pass), and rc averaging is a no-op
 (``strand_invariant``).
@@ -66,7 +71,7 @@ from seqssm.models.io import CADUCEUS, MODEL_TYPE as HYENADNA  # architectures, 
 from seqssm.tokenizers.dna import COMPLEMENT_LUT, PAD, VOCAB_SIZE, DNATokenizer
 
 TASKS = ("binary", "multiclass", "multilabel", "regression")
-POOLINGS = ("mean", "last", "both")
+POOLINGS = ("mean", "last", "both", "flatten")
 HEAD_PREFIX = "head."
 
 __all__ = [
@@ -85,6 +90,7 @@ class HeadConfig:
     pooling: str = "mean"
     label_names: list[str] = field(default_factory=list)
     dropout: float = 0.1
+    length: int | None = None  # flatten pooling only: the one input length the head takes
     # regression only: the head predicts (y - mean) / std; predict_proba returns y
     target_mean: list[float] | None = None
     target_std: list[float] | None = None
@@ -101,6 +107,12 @@ class HeadConfig:
             raise ValueError(f"a binary head has one output (the logit of class 1), got {self.n_outputs}")
         if self.task == "multiclass" and self.n_outputs < 2:
             raise ValueError(f"a multiclass head needs >= 2 outputs, got {self.n_outputs}")
+        if self.pooling == "flatten":
+            if self.length is None or int(self.length) < 1:
+                raise ValueError(f"flatten pooling needs the input length (>= 1), got {self.length}")
+            self.length = int(self.length)
+        elif self.length is not None:
+            raise ValueError(f"length is for flatten pooling only (pooling {self.pooling!r})")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be within [0, 1), got {self.dropout}")
         self.label_names = [str(n) for n in self.label_names]
@@ -174,12 +186,13 @@ def _check_batch(input_ids: torch.Tensor, lengths: torch.Tensor) -> None:
 
 
 class SequenceHead(nn.Module):
-    """pooled [B, d_model] -> dropout -> Linear -> logits [B, n_outputs]."""
+    """pooled [B, d_model] (flatten: [B, length * d_model]) -> dropout -> Linear -> logits [B, n_outputs]."""
 
     def __init__(self, d_model: int, config: HeadConfig):
         super().__init__()
         self.dropout = nn.Dropout(config.dropout)
-        self.proj = nn.Linear(d_model, config.n_outputs)
+        width = d_model * config.length if config.pooling == "flatten" else d_model
+        self.proj = nn.Linear(width, config.n_outputs)
         nn.init.normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)
 
@@ -263,6 +276,13 @@ class SequenceClassifier(nn.Module):
 
     def _pool(self, hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
         hidden = hidden.float()
+        if how == "flatten":
+            L = self.head_config.length
+            if hidden.shape[1] < L or bool((lengths != L).any()):
+                bad = lengths[lengths != L]
+                got = int(bad[0]) if bad.numel() else hidden.shape[1]
+                raise ValueError(f"flatten pooling takes sequences of exactly {L} bp, got one of {got}")
+            return hidden[:, :L].reshape(hidden.shape[0], -1) / L
         if how == "last":
             idx = (lengths - 1).clamp(min=0)
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]

@@ -13,6 +13,12 @@ pretraining, not on norms, embeddings, biases, A_log and D; seqssm.training.mlm.
 linear warm-up over ``warmup_fraction`` of all steps then cosine decay to ``min_lr_ratio`` x the
 peak, gradient-norm clipping, bf16 autocast on CUDA. ``freeze_backbone``: a linear probe (the
 backbone is not in the optimizer, runs in eval mode without dropout, and its weights never change).
+``probe_epochs`` N: linear probing, then fine-tuning ("LP-FT", Kumar et al. 2022): for the first N
+epochs only the head learns (the backbone runs in eval mode and its gradients are dropped before
+the optimizer step, so AdamW keeps no state for it yet); from epoch N + 1 everything learns, the
+backbone with its own warm-up and cosine over the remaining steps. A head that already fits the
+pretrained features distorts them less than a random one, which matters with little labeled data.
+Early stopping never stops a run during its probe epochs.
 
 Data order: epoch e visits the training examples in a permutation drawn from (seed, e), and
 ``rc_augment`` reverse-complements each example with probability 1/2, drawn from (seed, e) as
@@ -107,6 +113,7 @@ class FinetuneConfig:
     pooling: str = "mean"
     dropout: float = 0.1
     freeze_backbone: bool = False
+    probe_epochs: int = 0  # LP-FT: epochs with only the head learning before full fine-tuning
     class_weights: str = "auto"
     rc_augment: bool = False
     rc_average: bool = False
@@ -129,6 +136,9 @@ class FinetuneConfig:
             (self.grad_clip >= 0, "--grad-clip must be >= 0 (0: off)"),
             (0 <= self.dropout < 1, "--dropout must be within [0, 1)"),
             (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}"),
+            (0 <= self.probe_epochs < self.epochs, "--probe-epochs must be within 0..--epochs - 1"),
+            (not (self.probe_epochs and self.freeze_backbone),
+             "--probe-epochs and --freeze-backbone exclude each other (a frozen backbone is probed for all epochs)"),
             (self.class_weights in CLASS_WEIGHTS, f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}"),
             (self.patience is None or self.patience >= 0, "--patience must be >= 0 (0: no early stopping)"),
         ]
@@ -432,13 +442,17 @@ class FinetuneTrainer:
             groups = []
         else:
             backbone_groups = mlm_param_groups if model.architecture == CADUCEUS else param_groups
-            groups = [dict(g, peak_lr=cfg.lr) for g in backbone_groups(self.model.backbone, cfg.weight_decay)]
+            groups = [dict(g, peak_lr=cfg.lr, backbone=True)
+                      for g in backbone_groups(self.model.backbone, cfg.weight_decay)]
         groups += [dict(g, peak_lr=cfg.head_lr) for g in param_groups(self.model.head, cfg.weight_decay)]
         groups = [g for g in groups if g["params"]]
         self.optimizer = adamw(groups, lr=cfg.head_lr, betas=cfg.adam_betas, eps=cfg.adam_eps, device=device)
         self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = int(round(cfg.warmup_fraction * self.total_steps))
+        # LP-FT: the backbone's schedule starts when its probe epochs end
+        self.probe_steps = cfg.probe_epochs * self.steps_per_epoch
+        self.backbone_warmup = int(round(cfg.warmup_fraction * (self.total_steps - self.probe_steps)))
 
         self.step = 0
         self.epoch = 0  # completed epochs
@@ -520,10 +534,23 @@ class FinetuneTrainer:
         return path
 
     # -- work
+    @property
+    def probing(self) -> bool:
+        """In the probe epochs of LP-FT: only the head learns."""
+        return self.step < self.probe_steps
+
     def lrs(self) -> list[float]:
-        return [warmup_cosine(self.step, peak=g["peak_lr"], floor=g["peak_lr"] * self.cfg.min_lr_ratio,
-                              warmup_steps=self.warmup_steps, total_steps=self.total_steps)
-                for g in self.optimizer.param_groups]
+        out = []
+        for g in self.optimizer.param_groups:
+            floor = g["peak_lr"] * self.cfg.min_lr_ratio
+            if g.get("backbone") and self.probe_steps:
+                out.append(0.0 if self.probing else warmup_cosine(
+                    self.step - self.probe_steps, peak=g["peak_lr"], floor=floor, warmup_steps=self.backbone_warmup,
+                    total_steps=self.total_steps - self.probe_steps))
+            else:
+                out.append(warmup_cosine(self.step, peak=g["peak_lr"], floor=floor, warmup_steps=self.warmup_steps,
+                                         total_steps=self.total_steps))
+        return out
 
     def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.cfg.seed, epoch])
@@ -533,7 +560,7 @@ class FinetuneTrainer:
 
     def _set_train_mode(self) -> None:
         self.model.train()
-        if self.cfg.freeze_backbone:
+        if self.cfg.freeze_backbone or self.probing:
             self.model.backbone.eval()  # a probe on fixed features: no dropout in the backbone
 
     def train_step(self, order: np.ndarray, flips: np.ndarray) -> dict:
@@ -556,6 +583,11 @@ class FinetuneTrainer:
                 logits = self.model(x, lengths)
             loss = self.loss_fn(logits, y)
             loss.backward()
+        if self.probing:  # no update and no AdamW state for the backbone yet
+            for g in self.optimizer.param_groups:
+                if g.get("backbone"):
+                    for p in g["params"]:
+                        p.grad = None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if cfg.grad_clip and cfg.grad_clip > 0:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
@@ -620,7 +652,8 @@ class FinetuneTrainer:
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1
-        if self.cfg.patience and self.bad_epochs >= self.cfg.patience and self.epoch < self.cfg.epochs:
+        if (self.cfg.patience and self.bad_epochs >= self.cfg.patience and self.epoch < self.cfg.epochs
+                and self.epoch > self.cfg.probe_epochs):
             self.stopped_early = True
         self.history.append(row)
         self.save()
