@@ -135,6 +135,17 @@ def test_probe_epochs_train_the_head_first(files, tmp_path):  # noqa: F811
     assert any(not torch.equal(initial[k], v) for k, v in tuned.backbone.state_dict().items())
 
 
+def test_probe_epochs_do_not_count_towards_patience(files, tmp_path, monkeypatch):  # noqa: F811
+    from seqssm.training.finetune import FinetuneTrainer
+
+    losses = iter([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7])  # best at epoch 1, worse ever after
+    monkeypatch.setattr(FinetuneTrainer, "evaluate_valid", lambda self: {"loss": next(losses)})
+    s = run(files, tmp_path / "es", sequences=files["table"], epochs=8, probe_epochs=3, patience=2,
+            early_stop_metric="loss")
+    # probe epochs 2 and 3 are not counted: fine-tuning gets its 2 epochs (4 and 5) before the stop
+    assert s.finished and "early stopping" in s.reason and s.epoch == 5 and s.best_epoch == 1
+
+
 def test_probe_epochs_resume_equals_uninterrupted(files, tmp_path):  # noqa: F811
     kw = dict(RESUME_KW, probe_epochs=1, sequences=files["table"])
     full = run(files, tmp_path / "full", **kw)

@@ -18,7 +18,8 @@ epochs only the head learns (the backbone runs in eval mode and its gradients ar
 the optimizer step, so AdamW keeps no state for it yet); from epoch N + 1 everything learns, the
 backbone with its own warm-up and cosine over the remaining steps. A head that already fits the
 pretrained features distorts them less than a random one, which matters with little labeled data.
-Early stopping never stops a run during its probe epochs.
+Probe epochs do not count towards the early-stopping patience, so fine-tuning always gets its
+``patience`` epochs.
 
 Data order: epoch e visits the training examples in a permutation drawn from (seed, e), and
 ``rc_augment`` reverse-complements each example with probability 1/2, drawn from (seed, e) as
@@ -650,10 +651,9 @@ class FinetuneTrainer:
         if improved:
             self.best = {"epoch": self.epoch, "value": value, "checkpoint": name}
             self.bad_epochs = 0
-        else:
+        elif self.epoch > self.cfg.probe_epochs:  # probe epochs do not count towards patience
             self.bad_epochs += 1
-        if (self.cfg.patience and self.bad_epochs >= self.cfg.patience and self.epoch < self.cfg.epochs
-                and self.epoch > self.cfg.probe_epochs):
+        if self.cfg.patience and self.bad_epochs >= self.cfg.patience and self.epoch < self.cfg.epochs:
             self.stopped_early = True
         self.history.append(row)
         self.save()
