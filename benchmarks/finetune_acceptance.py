@@ -74,8 +74,8 @@ def main() -> None:
         print(f"{label}: {results[label]}", flush=True)
 
     t0 = time.perf_counter()
-    m, curve, l2 = kmer_baseline(ft_args)
-    split, *_ = ft._load_data(asdict(_options_from_cli(ft_args)))
+    split = load_split(ft_args)
+    m, curve, l2 = kmer_baseline(split)
     results["k-mer logistic"] = {k2: m.get(k2) for k2 in KEYS} | {"seconds": round(time.perf_counter() - t0, 1),
                                                                  "l2": l2}
     if curve is not None:
@@ -98,10 +98,14 @@ def main() -> None:
         print(f"| {label} | {f(r['accuracy'])} | {f(r['mcc'])} | {f(r['auroc'])} | {f(r['auprc'])} | {r['seconds']} |")
 
 
-def kmer_baseline(ft_args: list[str]):
-    """(test metrics, ROC curve or None, chosen l2) of the k-mer logistic regression on the split the
-    pipeline's own loader makes from these `seqssm finetune` options."""
+def load_split(ft_args: list[str]):
+    """The train/valid/test split the pipeline's own loader makes from these `seqssm finetune` options."""
     split, *_ = ft._load_data(asdict(_options_from_cli(ft_args)))
+    return split
+
+
+def kmer_baseline(split):
+    """(test metrics, ROC curve or None, chosen l2) of the k-mer logistic regression on ``split``."""
     km = KmerLogistic(split.train.task).fit(
         [e.ids for e in split.train.examples], _targets(split.train),
         [e.ids for e in split.valid.examples], _targets(split.valid),

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_acceptance import KEYS, kmer_baseline  # noqa: E402
+from finetune_acceptance import KEYS, kmer_baseline, load_split  # noqa: E402
 
 
 def main() -> None:
@@ -61,7 +61,7 @@ def main() -> None:
     jobs = [(n, s) for n in configs for s in seeds]
     with ThreadPoolExecutor(a.jobs) as pool:
         results = list(pool.map(one, jobs))
-    km, _curve, l2 = kmer_baseline(shared)
+    km, _curve, l2 = kmer_baseline(load_split(shared))
 
     print("\n| setting | runs | accuracy | MCC | AUROC | AUPRC | best epochs |\n|---|---:|---:|---:|---:|---:|---|")
     summary = {}

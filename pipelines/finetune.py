@@ -393,7 +393,7 @@ def _signature(parts: dict[str, ArrayData]) -> dict:
 
 def _check_lengths(parts: dict, max_len: int | None, kind: str) -> None:
     """Inputs longer than the model takes (None: no limit) are an error naming the line."""
-    for key, (labeled, arr) in parts.items():
+    for labeled in parts.values():
         if labeled is None or max_len is None:
             continue
         for e in labeled.examples:
@@ -407,7 +407,7 @@ def _check_lengths(parts: dict, max_len: int | None, kind: str) -> None:
 def _flatten_length(parts: dict, kind: str) -> int:
     """The one length of every input, which --pooling flatten needs; else an error naming the line."""
     first = None
-    for labeled, _arr in parts.values():
+    for labeled in parts.values():
         if labeled is None:
             continue
         for e in labeled.examples:
@@ -577,9 +577,9 @@ def _run_finetune(opts: FinetuneOptions, console, dist: Dist) -> FinetuneSummary
      test, signature) = dist.agree(load)
 
     # The model.
-    _check_lengths({"train": (train_l, train), "valid": (valid_l, valid), "test": (test_l, test)}, max_len, kind)
-    flat_len = (_flatten_length({"train": (train_l, train), "valid": (valid_l, valid), "test": (test_l, test)}, kind)
-                if cfg.pooling == "flatten" else None)
+    parts = {"train": train_l, "valid": valid_l, "test": test_l}
+    _check_lengths(parts, max_len, kind)
+    flat_len = _flatten_length(parts, kind) if cfg.pooling == "flatten" else None
     loss_fn = TaskLoss(task, train_l.n_outputs, train.targets, class_weights=cfg.class_weights)
     head_cfg = HeadConfig(task=task, n_outputs=train_l.n_outputs, pooling=cfg.pooling, label_names=label_names,
                           dropout=cfg.dropout, target_mean=loss_fn.mean, target_std=loss_fn.std, length=flat_len)

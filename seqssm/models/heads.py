@@ -278,10 +278,9 @@ class SequenceClassifier(nn.Module):
         hidden = hidden.float()
         if how == "flatten":
             L = self.head_config.length
-            if hidden.shape[1] < L or bool((lengths != L).any()):
-                bad = lengths[lengths != L]
-                got = int(bad[0]) if bad.numel() else hidden.shape[1]
-                raise ValueError(f"flatten pooling takes sequences of exactly {L} bp, got one of {got}")
+            bad = lengths[lengths != L]
+            if bad.numel():
+                raise ValueError(f"flatten pooling takes sequences of exactly {L} bp, got one of {int(bad[0])}")
             return hidden[:, :L].reshape(hidden.shape[0], -1) / L
         if how == "last":
             idx = (lengths - 1).clamp(min=0)
