@@ -5,6 +5,8 @@
 Model: the large-1m shape (d_model 256, 8 layers, d_inner 1024, emb_dim 5, max_seq_len 1,000,002),
 random weights nudged away from their initial values so that every filter matters. Variants:
   lean        seqssm's default inference path (models/hyena_lean.py)
+  lean-rfft   the same with the long convolution through real-to-complex / complex-to-real cuFFT
+              transforms (packed=False) instead of half-length complex ones and the fused spectral step
   plain       seqssm's reference layer-by-layer forward (model.lean = None); its float32 output is
               the accuracy reference every other variant is compared with (||a - b|| / ||b||)
   hf          the HuggingFace HyenaDNA modeling code (DIR holds modeling_hyena.py and
@@ -79,7 +81,7 @@ def forward_case(model, ref, x, repeats: int, rows: list, tag: str, check_plain:
     tokens = x.numel()
     variants = []
     for dtype in ("float32", "bfloat16"):
-        variants.append(("lean", dtype))
+        variants += [("lean", dtype), ("lean-rfft", dtype)]
     if check_plain:
         variants += [("plain", "float32"), ("plain", "bfloat16")]
     if ref is not None:
@@ -103,6 +105,8 @@ def forward_case(model, ref, x, repeats: int, rows: list, tag: str, check_plain:
             saved = model.lean
             if impl == "plain":
                 model.lean = None
+            if impl == "lean-rfft":
+                saved.packed = False
             try:
                 s, mem, out = timed(run, repeats)
                 err = rel(out.float(), want) if want is not None else float("nan")
@@ -113,6 +117,7 @@ def forward_case(model, ref, x, repeats: int, rows: list, tag: str, check_plain:
                 rows.append(dict(case=tag, impl=impl, dtype=dtype, error=f"out of memory: {str(e)[:80]}"))
             finally:
                 model.lean = saved
+                saved.packed = None
                 torch.cuda.empty_cache()
             print(rows[-1], flush=True)
 

@@ -65,6 +65,38 @@ def test_gated_fftconv_matches_direct_sum(B, H, L, rows):
     assert sorted(c for c0, c1 in calls for c in range(c0, c1)) == list(range(H))
 
 
+@pytest.mark.parametrize("n", [2, 4, 12, 30, 96, 1024])
+def test_packed_spectral_product_twin_is_the_real_fft_convolution(n):
+    """Half-length complex FFTs of the packed pairs, the fused spectral step, the inverse: = irfft(rfft(x) K)."""
+    g, seed = fresh_generator()
+    M, C = n // 2, 5
+    x = torch.randn(3, C, n, generator=g, dtype=torch.float64)
+    K = torch.fft.rfft(torch.randn(C, n, generator=g, dtype=torch.float64)) / n
+    want = torch.fft.irfft(torch.fft.rfft(x) * K, n=n, norm="forward")
+    Z = torch.fft.fft(torch.view_as_complex(x.unflatten(-1, (M, 2))))
+    Zp = hf.packed_spectral_product_ref(Z, K, n)
+    got = torch.view_as_real(torch.fft.ifft(Zp, norm="forward")).flatten(-2)
+    assert rel(got, want) <= 1e-12, f"seed {seed}"
+    Z2 = Z.clone()
+    assert hf.packed_spectral_product_(Z2, K, n) is Z2 and torch.equal(Z2, Zp)  # in place (the twin on CPU)
+
+
+@pytest.mark.parametrize("B,H,L,rows", [(1, 6, 50, 4), (3, 5, 77, 7), (2, 3, 1, 64), (2, 4, 16, 8)])
+def test_packed_gated_fftconv_matches_direct_sum(B, H, L, rows):
+    g, seed = fresh_generator()
+    v = torch.randn(B, H, L, generator=g, dtype=torch.float64)
+    k = torch.randn(H, L, generator=g, dtype=torch.float64) * torch.exp(-torch.arange(L) / 20)
+    D = torch.randn(H, generator=g, dtype=torch.float64)
+    gate = torch.randn(B, H, L, generator=g, dtype=torch.float64)
+    want = fftconv_ref(v, k, D) * gate
+    n = fft_length(L)
+    vpad = torch.nn.functional.pad(v, (0, n - L))
+    for x in (v, vpad):  # unpadded input, and a buffer already zero past L
+        out = fftconv_gated_(x, D, gate.clone(), lambda c0, c1: torch.fft.rfft(k[c0:c1], n=n) / n,
+                             n=n, rows_per_group=rows, packed=True)
+        assert rel(out, want) <= 1e-12, f"seed {seed}"
+
+
 def test_gated_fftconv_rejects_a_circular_transform():
     v = torch.randn(1, 2, 10)
     with pytest.raises(ValueError, match="2L - 1"):
@@ -275,3 +307,17 @@ def test_fused_kernels_match_their_twins_cuda(cd):
     hf.hyena_filter_into_ref(b, feats, wf, t, deltas, 0.05, 0.25)
     assert not a.isnan().any() and (a[:, L:] == 0).all()
     assert rel(a, b) <= 1e-5, f"seed {seed}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,C,rows", [(65536, 256, 512), (3 * 2**11, 7, 21), (2**21, 3, 3), (30, 4, 8)])
+def test_packed_spectral_product_kernel_matches_its_twin_cuda(n, C, rows):
+    g, seed = fresh_generator()
+    M = n // 2
+    Z = torch.randn(rows // C, C, M, 2, generator=g)
+    Z = torch.view_as_complex(Z).to("cuda")
+    Kfull = torch.view_as_complex(torch.randn(C + 2, M + 1, 2, generator=g)).to("cuda")
+    K = Kfull[1 : C + 1]  # a slice, as the spectrum cache hands out
+    want = hf.packed_spectral_product_ref(Z.double(), K.double(), n)
+    got = hf.packed_spectral_product_(Z.clone(), K, n)
+    assert rel(torch.view_as_real(got).double(), torch.view_as_real(want)) <= 1e-6, f"seed {seed}"

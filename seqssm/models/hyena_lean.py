@@ -37,11 +37,13 @@ class LeanHyenaInference:
     seq_chunk: tokens (batch x positions) per chunk in stages A and C.
     scratch_bytes: transform scratch of stage B (sets how many rows are transformed together).
     cache_bytes: budget for cached filter spectra (all layers of all cached lengths together).
+    packed: the long convolution's transform form (ops.fftconv.fftconv_gated_); None = automatic.
     """
 
     def __init__(self, *, seq_chunk: int = 1 << 17, scratch_bytes: int = 1 << 29, cache_bytes: int = 1 << 30,
-                 rows_per_group: int | None = None):
+                 rows_per_group: int | None = None, packed: bool | None = None):
         self.seq_chunk = seq_chunk
+        self.packed = packed
         self.scratch_bytes = scratch_bytes
         self.rows_per_group = rows_per_group
         self.cache_bytes = cache_bytes
@@ -76,7 +78,7 @@ class LeanHyenaInference:
                 filt = mixer.filter_fn
                 D = filt.bias if filt.use_bias else torch.zeros_like(filt.bias)
                 spectrum = self._spectrum_fn(i, filt, L, n, kbuf)
-                fftconv_gated_(vbuf, D, gate, spectrum, n=n, rows_per_group=rows)
+                fftconv_gated_(vbuf, D, gate, spectrum, n=n, rows_per_group=rows, packed=self.packed)
                 for s0 in range(0, L, steps):
                     _stage_c(layer, res, gate, s0, min(s0 + steps, L), cd)
             del gate, vbuf, kbuf

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqssm.ops.hyena_fused import fft_epilogue
+from seqssm.ops.hyena_fused import _use_triton, fft_epilogue, packed_spectral_product_
 
 
 def _check(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor) -> int:
@@ -106,6 +106,7 @@ def fftconv_gated_(
     *,
     n: int,
     rows_per_group: int,
+    packed: bool | None = None,
 ) -> torch.Tensor:
     """gate[b, c] <- (causal_conv(v[b, c], k[c]) + D[c] v[b, c]) * gate[b, c], in place, by groups.
 
@@ -115,6 +116,10 @@ def fftconv_gated_(
     per channel group (all batch rows of a group share it), so an uncached filter is transformed
     once per call, not once per batch row. Groups: see group_shape; scratch is about 16 n bytes
     per row of a group.
+    packed: transform each real row as a complex row of half the length (its pairs of values) and do
+    the real-spectrum bookkeeping in one fused pass with the product (ops.hyena_fused.
+    packed_spectral_product_). It saves cuFFT's real-to-complex and complex-to-real passes and torch's
+    copy of every complex-to-real input. Default: on CUDA in float32 with Triton, for even n.
     """
     B, H, L = gate.shape
     if n < 2 * L - 1:
@@ -122,6 +127,9 @@ def fftconv_gated_(
     if D.shape != (H,) or v.shape[:2] != (B, H) or v.shape[-1] not in (L, n):
         raise ValueError(f"fftconv_gated_: shapes v {tuple(v.shape)}, gate {tuple(gate.shape)}, D {tuple(D.shape)}")
     padded = v.shape[-1] == n and n != L
+    if packed is None:
+        packed = padded and v.dtype == torch.float32 and _use_triton(v)
+    packed = packed and n % 2 == 0
     chans, bstep = group_shape(B, H, rows_per_group)
     with torch.autocast(device_type=v.device.type, enabled=False):
         for c0 in range(0, H, chans):
@@ -130,6 +138,15 @@ def fftconv_gated_(
             for b0 in range(0, B, bstep):
                 b1 = min(b0 + bstep, B)
                 x = v[b0:b1, c0:c1]
+                if packed:
+                    xp = x if padded else F.pad(x, (0, n - L))
+                    Z = torch.fft.fft(torch.view_as_complex(xp.unflatten(-1, (n // 2, 2))))
+                    packed_spectral_product_(Z, k_f, n)
+                    y = torch.view_as_real(torch.fft.ifft(Z, norm="forward")).flatten(-2)
+                    del Z
+                    fft_epilogue(y, x[..., :L], gate[b0:b1, c0:c1], D[c0:c1])
+                    del y
+                    continue
                 X = torch.fft.rfft(x) if padded else torch.fft.rfft(x, n=n)
                 for Xb in X:  # same-shape products: the vectorised kernel, not a broadcasting one
                     Xb *= k_f

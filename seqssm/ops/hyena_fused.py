@@ -11,6 +11,10 @@ outputs once; elsewhere, and whenever Triton is missing, the torch twin runs.
     layer_norm_to     LayerNorm of float32 rows, written in the compute dtype
     hyena_filter_into rows of the implicit long filter, k[c, t] = (W[c] . f[t]) (exp(-t |a_c|) + shift),
                       written straight into a zero-padded transform buffer
+    packed_spectral_product_
+                      the middle of a real FFT convolution done with half-length complex FFTs:
+                      spectrum of x from the FFT of its packed pairs, times the filter's spectrum,
+                      packed again for the inverse (see its docstring), in place
 """
 
 from __future__ import annotations
@@ -67,6 +71,35 @@ def hyena_filter_into_ref(out, feats, w, t, deltas, shift: float, scale: float =
 
 def layer_norm_to_ref(x, weight, bias, eps: float, dtype: torch.dtype) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], weight.to(x.dtype), bias.to(x.dtype), eps).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _twiddles(n: int, count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """exp(-2 pi i k / n) for k < count, computed in float64."""
+    k = torch.arange(count, dtype=torch.float64)
+    return torch.polar(torch.ones_like(k), -2 * torch.pi * k / n).to(device=device, dtype=dtype)
+
+
+def packed_spectral_product_ref(Z: torch.Tensor, K: torch.Tensor, n: int) -> torch.Tensor:
+    """One real FFT convolution's spectral step, in the packed form of two half-length complex FFTs.
+
+    With M = n / 2, z[m] = x[2m] + i x[2m+1] (a real row x of length n read as complex pairs) and
+    Z = fft(z) [..., C, M]: the spectrum of x is X[k] = E[k] + w^k O[k] (k = 0..M), where
+    E = (Z[k] + conj Z[M-k]) / 2, O = (Z[k] - conj Z[M-k]) / 2i, w = exp(-2 pi i / n), indices mod M.
+    Y = X K with K [C, M+1] = rfft(filter, n) / n. Returned: Z' [..., C, M] with
+    Z'[k] = (Y[k] + conj Y[M-k]) + i w^-k (Y[k] - conj Y[M-k]), so that ifft(Z', norm="forward") = y[2m] + i y[2m+1]
+    for y = irfft(Y, n, norm="forward"): the real convolution without cuFFT's real-to-complex pre- and
+    post-processing passes, and without the copy torch makes of every complex-to-real input.
+    """
+    M = n // 2
+    k = torch.arange(M, device=Z.device)
+    w = _twiddles(n, M, Z.dtype, Z.device)
+    Zm = Z[..., (-k) % M].conj()
+    E, O = (Z + Zm) / 2, (Z - Zm) / 2j
+    X = torch.cat([E + w * O, E[..., :1] - O[..., :1]], dim=-1)
+    Y = X * K
+    Ym = Y[..., M - k].conj()
+    return (Y[..., :M] + Ym) + 1j * w.conj() * (Y[..., :M] - Ym)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,6 +172,25 @@ def hyena_filter_into(out, feats, w, t, deltas, shift: float, scale: float = 1.0
         out, feats.contiguous(), w.float().contiguous(), t.float().contiguous(), deltas.float().contiguous(),
         float(shift), float(scale), L, C, Fo, out.stride(0), BF=BF, BT=BT, BC=BC, num_warps=4,
     )
+
+
+def packed_spectral_product_(Z: torch.Tensor, K: torch.Tensor, n: int) -> torch.Tensor:
+    """Z <- packed_spectral_product_ref(Z, K, n), in place. Z: contiguous complex64 [..., C, M]."""
+    M = n // 2
+    C = K.shape[0]
+    ok = (Z.dtype == torch.complex64 and K.dtype == torch.complex64 and Z.is_contiguous() and K.stride(-1) == 1
+          and Z.shape[-1] == M and Z.shape[-2] == C and K.shape[-1] == M + 1)
+    if not ok or not _use_triton(Z, K):
+        return Z.copy_(packed_spectral_product_ref(Z, K, n))
+    k = _kernels()
+    half = M // 2
+    R = Z.numel() // M
+    BLK = 512
+    w = torch.view_as_real(_twiddles(n, half + 1, Z.dtype, Z.device))
+    grid = (R, triton_cdiv(half + 1, BLK))
+    k.packed_product_kernel[grid](torch.view_as_real(Z), torch.view_as_real(K), w, M, half, C, 2 * K.stride(0),
+                                  BLK=BLK, num_warps=4)
+    return Z
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -237,6 +289,53 @@ def _kernels():
         win = (tl.exp(-tt[None, :] * a[:, None]) + shift) * scale
         tl.store(o_ptr + c.to(tl.int64)[:, None] * so + t[None, :], acc * win, mask=cm[:, None] & tm[None, :])
 
+    @triton.jit
+    def packed_product_kernel(z_ptr, k_ptr, w_ptr, M, half, C, skc, BLK: tl.constexpr):
+        # One row r, frequencies j = 0..half and their mirrors M - j: each program reads and writes
+        # only its own pairs, so the update is in place. Complex numbers are (re, im) float pairs.
+        r = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1) * BLK + tl.arange(0, BLK)
+        m = j <= half
+        zr = z_ptr + r * 2 * M
+        kr = k_ptr + (r % C) * skc
+        jz = tl.where(j == 0, 0, M - j)  # Z's mirror index (mod M)
+        a_re = tl.load(zr + 2 * j, mask=m, other=0.0)
+        a_im = tl.load(zr + 2 * j + 1, mask=m, other=0.0)
+        b_re = tl.load(zr + 2 * jz, mask=m, other=0.0)
+        b_im = tl.load(zr + 2 * jz + 1, mask=m, other=0.0)
+        e_re = (a_re + b_re) * 0.5
+        e_im = (a_im - b_im) * 0.5
+        o_re = (a_im + b_im) * 0.5
+        o_im = (b_re - a_re) * 0.5
+        w_re = tl.load(w_ptr + 2 * j, mask=m, other=0.0)
+        w_im = tl.load(w_ptr + 2 * j + 1, mask=m, other=0.0)
+        wo_re = w_re * o_re - w_im * o_im
+        wo_im = w_re * o_im + w_im * o_re
+        xk_re = e_re + wo_re  # X[j]
+        xk_im = e_im + wo_im
+        xm_re = e_re - wo_re  # X[M - j] = conj(E - w^j O)
+        xm_im = wo_im - e_im
+        jk = M - j  # K's mirror index (K has M + 1 entries)
+        kk_re = tl.load(kr + 2 * j, mask=m, other=0.0)
+        kk_im = tl.load(kr + 2 * j + 1, mask=m, other=0.0)
+        km_re = tl.load(kr + 2 * jk, mask=m, other=0.0)
+        km_im = tl.load(kr + 2 * jk + 1, mask=m, other=0.0)
+        yk_re = xk_re * kk_re - xk_im * kk_im
+        yk_im = xk_re * kk_im + xk_im * kk_re
+        ym_re = xm_re * km_re - xm_im * km_im
+        ym_im = xm_re * km_im + xm_im * km_re
+        # Z'[j] = s + i conj(w^j) d,  s = Y[j] + conj Y[M-j],  d = Y[j] - conj Y[M-j]
+        s_re = yk_re + ym_re
+        s_im = yk_im - ym_im
+        d_re = yk_re - ym_re
+        d_im = yk_im + ym_im
+        tl.store(zr + 2 * j, s_re + w_im * d_re - w_re * d_im, mask=m)
+        tl.store(zr + 2 * j + 1, s_im + w_im * d_im + w_re * d_re, mask=m)
+        # Z'[M-j] = conj(s) - i w^j (-conj d) = conj(s) + i w^j conj(d)
+        mm = m & (j > 0)
+        tl.store(zr + 2 * jk, s_re - w_im * d_re + w_re * d_im, mask=mm)
+        tl.store(zr + 2 * jk + 1, -s_im + w_re * d_re + w_im * d_im, mask=mm)
+
     class K:
         pass
 
@@ -245,4 +344,5 @@ def _kernels():
     k.short_conv_gate_kernel = short_conv_gate_kernel
     k.fft_epilogue_kernel = fft_epilogue_kernel
     k.layer_norm_kernel = layer_norm_kernel
+    k.packed_product_kernel = packed_product_kernel
     return k
