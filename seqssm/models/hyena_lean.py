@@ -12,7 +12,8 @@ whole-sequence buffers and a bounded scratch:
     A  by sequence chunks   LN1 -> in_proj -> short causal conv -> x0 into gate, v * x1 into vbuf
                             (the conv's K-1 rows of left context are recomputed, not stored)
     B  by channel groups    long convolution through the FFT, + D v, times x0 (ops.fftconv_gated_)
-    C  by sequence chunks   out_proj -> res += ; LN2 -> fc1 -> GELU -> fc2 -> res +=
+    C  by row blocks        out_proj -> res += with LN2 in the same pass -> fc1 -> GELU -> fc2,
+                            accumulated into res by the matmul
 
 "compute" is the autocast dtype when autocast is on (bf16 on GPU), else the weights' dtype; the
 residual stream, layer norms, filters and transforms stay float32 as in the reference. Filter
@@ -28,7 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from seqssm.ops.fftconv import fft_length, fftconv_gated_, group_shape
-from seqssm.ops.hyena_fused import hyena_filter_into, layer_norm_to, short_conv_gate
+from seqssm.ops.hyena_fused import (
+    accumulate_matmul_,
+    add_layer_norm_,
+    hyena_filter_into,
+    layer_norm_to,
+    short_conv_gate,
+)
 
 
 class LeanHyenaInference:
@@ -73,14 +80,15 @@ class LeanHyenaInference:
             kbuf = torch.zeros(chans, n, device=device, dtype=wide)
             for i, layer in enumerate(backbone.layers):
                 mixer = layer.mixer
+                wts = _LayerWeights(layer, cd)
                 for s0 in range(0, L, steps):
-                    _stage_a(layer, res, gate, vbuf, s0, min(s0 + steps, L), cd)
+                    _stage_a(layer, wts, res, gate, vbuf, s0, min(s0 + steps, L), cd)
                 filt = mixer.filter_fn
                 D = filt.bias if filt.use_bias else torch.zeros_like(filt.bias)
                 spectrum = self._spectrum_fn(i, filt, L, n, kbuf)
                 fftconv_gated_(vbuf, D, gate, spectrum, n=n, rows_per_group=rows, packed=self.packed)
-                for s0 in range(0, L, steps):
-                    _stage_c(layer, res, gate, s0, min(s0 + steps, L), cd)
+                for b0, b1, s0, s1 in _row_blocks(B, L, self.seq_chunk):
+                    _stage_c(layer, wts, res, gate, b0, b1, s0, s1, cd)
             del gate, vbuf, kbuf
             ln = backbone.ln_f
             for s0 in range(0, L, steps):
@@ -120,17 +128,43 @@ class LeanHyenaInference:
         return lambda c0, c1: full[c0:c1]
 
 
-def _linear(x: torch.Tensor, lin, cd: torch.dtype, gelu: bool = False) -> torch.Tensor:
-    """x [N, in] -> [N, out] in cd; on CUDA the tanh-GELU rides in the matmul's epilogue."""
-    w = lin.weight.to(cd)
-    b = lin.bias.to(cd) if lin.bias is not None else None
+class _LayerWeights:
+    """A block's matrices and biases in the compute dtype, cast once per forward (not once per chunk)."""
+
+    def __init__(self, layer, cd: torch.dtype):
+        mixer, mlp = layer.mixer, layer.mlp
+        cast = lambda t: None if t is None else t.to(cd)  # noqa: E731
+        self.in_w, self.in_b = cast(mixer.in_proj.weight), cast(mixer.in_proj.bias)
+        self.out_wt = cast(mixer.out_proj.weight).t()
+        zeros = lambda lin: torch.zeros(lin.out_features, device=lin.weight.device, dtype=lin.weight.dtype)  # noqa: E731
+        self.out_b = mixer.out_proj.bias if mixer.out_proj.bias is not None else zeros(mixer.out_proj)
+        self.fc1_w, self.fc1_b = cast(mlp.fc1.weight), cast(mlp.fc1.bias)
+        self.fc2_wt = cast(mlp.fc2.weight).t()
+        self.fc2_b = mlp.fc2.bias if mlp.fc2.bias is not None else zeros(mlp.fc2)
+
+
+def _row_blocks(B: int, L: int, chunk: int):
+    """(b0, b1, s0, s1) blocks of about `chunk` tokens, each a contiguous slice of a [B, L, d] tensor:
+    whole rows when a row fits, else pieces of one row."""
+    if L <= chunk:
+        step = max(1, chunk // L)
+        for b0 in range(0, B, step):
+            yield b0, min(b0 + step, B), 0, L
+    else:
+        for b in range(B):
+            for s0 in range(0, L, chunk):
+                yield b, b + 1, s0, min(s0 + chunk, L)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """x [N, in] -> [N, out] (w, b already in x's dtype); on CUDA the tanh-GELU rides in the matmul's epilogue."""
     if gelu and x.is_cuda and b is not None:
         return torch._addmm_activation(b, x, w.t(), use_gelu=True)
     y = F.linear(x, w, b)
     return F.gelu(y, approximate="tanh") if gelu else y
 
 
-def _stage_a(layer, res, gate, vbuf, s0: int, s1: int, cd: torch.dtype) -> None:
+def _stage_a(layer, wts: _LayerWeights, res, gate, vbuf, s0: int, s1: int, cd: torch.dtype) -> None:
     mixer = layer.mixer
     conv = mixer.short_filter
     K = conv.kernel_size[0]
@@ -138,20 +172,21 @@ def _stage_a(layer, res, gate, vbuf, s0: int, s1: int, cd: torch.dtype) -> None:
     n1 = layer.norm1
     h = layer_norm_to(res[:, lo:s1], n1.weight, n1.bias, n1.eps, cd)  # [B, rows, d]
     B, rows, d = h.shape
-    z = _linear(h.reshape(B * rows, d), mixer.in_proj, cd).view(B, rows, -1)  # [B, rows, 3d]
+    z = _linear(h.reshape(B * rows, d), wts.in_w, wts.in_b).view(B, rows, -1)  # [B, rows, 3d]
     short_conv_gate(z, conv.weight[:, 0, :], conv.bias, gate, vbuf, s0, s0 - lo)
 
 
-def _stage_c(layer, res, gate, s0: int, s1: int, cd: torch.dtype) -> None:
-    mixer, mlp = layer.mixer, layer.mlp
-    B = res.shape[0]
-    S = s1 - s0
+def _stage_c(layer, wts: _LayerWeights, res, gate, b0: int, b1: int, s0: int, s1: int, cd: torch.dtype) -> None:
+    """res[b0:b1, s0:s1] += out_proj(gate) + mlp(LN2(...)): the two residual adds ride in other passes.
+
+    out_proj's product (no bias) goes into one fused pass that adds it and both biases to the residual
+    and returns LN2 of the sum without fc2's bias; fc2's product is then accumulated into the float32
+    residual by the matmul itself (beta = 1), so neither add is a pass of its own."""
+    r = res[b0:b1, s0:s1]  # contiguous: whole rows, or a piece of one row
+    nb, S, d = r.shape
     # The channel-major gate goes to a batched matmul as a transposed operand, without a copy.
-    w = mixer.out_proj.weight.to(cd)
-    y = torch.baddbmm(mixer.out_proj.bias.to(cd).expand(B, S, -1), gate[:, :, s0:s1].transpose(1, 2),
-                      w.t().expand(B, -1, -1))
-    res[:, s0:s1].add_(y)  # mixed-dtype add: one pass
+    y = torch.bmm(gate[b0:b1, :, s0:s1].transpose(1, 2), wts.out_wt.expand(nb, -1, -1))
     n2 = layer.norm2
-    h = layer_norm_to(res[:, s0:s1], n2.weight, n2.bias, n2.eps, cd).view(B * S, -1)
-    h = _linear(_linear(h, mlp.fc1, cd, gelu=True), mlp.fc2, cd)
-    res[:, s0:s1].add_(h.view(B, S, -1))
+    h = add_layer_norm_(r, y, wts.out_b, wts.fc2_b, n2.weight, n2.bias, n2.eps, cd).view(nb * S, d)
+    u = _linear(h, wts.fc1_w, wts.fc1_b, gelu=True)
+    accumulate_matmul_(r.view(nb * S, d), u, wts.fc2_wt)

@@ -9,6 +9,9 @@ outputs once; elsewhere, and whenever Triton is missing, the torch twin runs.
                       gate[:, :, s0:s0+S] = x0 and vbuf[:, :, s0:s0+S] = v * x1 (channel-major)
     fft_epilogue      gate = (y[..., :L] + D * x) * gate   (after the inverse transform)
     layer_norm_to     LayerNorm of float32 rows, written in the compute dtype
+    add_layer_norm_   r <- r + y + b_in, h = LayerNorm(r) in the compute dtype, r <- r + b_out
+                      (a residual add, the next norm, and the next residual branch's bias in one pass)
+    accumulate_matmul_  out += a @ b in out's (float32) precision, inside the matmul (no add pass)
     hyena_filter_into rows of the implicit long filter, k[c, t] = (W[c] . f[t]) (exp(-t |a_c|) + shift),
                       written straight into a zero-padded transform buffer
     packed_spectral_product_
@@ -71,6 +74,13 @@ def hyena_filter_into_ref(out, feats, w, t, deltas, shift: float, scale: float =
 
 def layer_norm_to_ref(x, weight, bias, eps: float, dtype: torch.dtype) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], weight.to(x.dtype), bias.to(x.dtype), eps).to(dtype)
+
+
+def add_layer_norm_ref(r, y, b_in, b_out, weight, bias, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    s = r + y.to(r.dtype) + b_in.to(r.dtype)
+    h = F.layer_norm(s, s.shape[-1:], weight.to(r.dtype), bias.to(r.dtype), eps).to(dtype)
+    r.copy_(s + b_out.to(r.dtype))
+    return h
 
 
 @functools.lru_cache(maxsize=16)
@@ -156,6 +166,39 @@ def layer_norm_to(x, weight, bias, eps: float, dtype: torch.dtype) -> torch.Tens
         BD=BD, ROWS=ROWS, num_warps=4,
     )
     return out
+
+
+def add_layer_norm_(r, y, b_in, b_out, weight, bias, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """r [..., d] float32 updated in place; y [..., d] any float dtype; returns LayerNorm(r + y + b_in) in dtype."""
+    if (not _use_triton(r, y) or r.dtype != torch.float32 or not r.is_contiguous() or not y.is_contiguous()
+            or y.shape != r.shape):
+        return add_layer_norm_ref(r, y, b_in, b_out, weight, bias, eps, dtype)
+    k = _kernels()
+    d = r.shape[-1]
+    N = r.numel() // d
+    out = torch.empty(r.shape, device=r.device, dtype=dtype)
+    BD = 1 << (d - 1).bit_length()
+    ROWS = 8
+    f32 = lambda t: t.float().contiguous()  # noqa: E731
+    k.add_layer_norm_kernel[(triton_cdiv(N, ROWS),)](
+        r, y, f32(b_in), f32(b_out), f32(weight), f32(bias), out, N, d, eps, BD=BD, ROWS=ROWS, num_warps=4,
+    )
+    return out
+
+
+_ADDMM_OUT_DTYPE = [True]  # torch.addmm(..., out_dtype=) works here (a CUDA-only overload of recent torch)
+
+
+def accumulate_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out [N, n] += a [N, k] @ b [k, n], accumulated at out's precision; a and b may be narrower (bf16)."""
+    if a.dtype == out.dtype:
+        return out.addmm_(a, b)
+    if out.is_cuda and _ADDMM_OUT_DTYPE[0]:
+        try:
+            return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        except (RuntimeError, TypeError):  # no mixed-precision addmm in this torch: one add pass instead
+            _ADDMM_OUT_DTYPE[0] = False
+    return out.add_(a @ b)
 
 
 def hyena_filter_into(out, feats, w, t, deltas, shift: float, scale: float = 1.0) -> None:
@@ -271,6 +314,24 @@ def _kernels():
         tl.store(o_ptr + b * sob + r.to(tl.int64)[:, None] * sos + c[None, :], y.to(o_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
+    def add_layer_norm_kernel(r_ptr, y_ptr, bi_ptr, bo_ptr, w_ptr, b_ptr, o_ptr, N, d, eps,
+                              BD: tl.constexpr, ROWS: tl.constexpr):
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        c = tl.arange(0, BD)
+        cm = c < d
+        m = (r < N)[:, None] & cm[None, :]
+        off = r.to(tl.int64)[:, None] * d + c[None, :]
+        s = tl.load(r_ptr + off, mask=m, other=0.0) + tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32)
+        s += tl.load(bi_ptr + c, mask=cm, other=0.0)[None, :]
+        s = tl.where(m, s, 0.0)
+        mean = tl.sum(s, axis=1) / d
+        sc = tl.where(m, s - mean[:, None], 0.0)
+        inv = 1.0 / tl.sqrt(tl.sum(sc * sc, axis=1) / d + eps)
+        h = sc * inv[:, None] * tl.load(w_ptr + c, mask=cm, other=0.0)[None, :] + tl.load(b_ptr + c, mask=cm, other=0.0)[None, :]
+        tl.store(o_ptr + off, h.to(o_ptr.dtype.element_ty), mask=m)
+        tl.store(r_ptr + off, s + tl.load(bo_ptr + c, mask=cm, other=0.0)[None, :], mask=m)
+
+    @triton.jit
     def filter_kernel(o_ptr, f_ptr, w_ptr, t_ptr, a_ptr, shift, scale, L, C, Fo, so,
                       BF: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
         pid_t = tl.program_id(0)
@@ -345,4 +406,5 @@ def _kernels():
     k.fft_epilogue_kernel = fft_epilogue_kernel
     k.layer_norm_kernel = layer_norm_kernel
     k.packed_product_kernel = packed_product_kernel
+    k.add_layer_norm_kernel = add_layer_norm_kernel
     return k
