@@ -320,8 +320,9 @@ def test_packed_spectral_product_kernel_matches_its_twin_cuda(n, C, rows):
     K = Kfull[1 : C + 1]  # a slice, as the spectrum cache hands out
     c128 = torch.complex128
     want = hf.packed_spectral_product_ref(Z.to(c128), K.to(c128), n)
-    got = hf.packed_spectral_product_(Z.clone(), K, n)
-    assert rel(torch.view_as_real(got), torch.view_as_real(want)) <= 1e-6, f"seed {seed}"
+    for block, warps in ((1024, 4), (256, 2)):  # the default launch, and one with many programs per row
+        got = hf.packed_spectral_product_(Z.clone(), K, n, block=block, warps=warps)
+        assert rel(torch.view_as_real(got), torch.view_as_real(want)) <= 1e-6, f"seed {seed}"
 
 
 def test_add_layer_norm_twin_is_the_residual_add_then_layer_norm():

@@ -217,8 +217,10 @@ def hyena_filter_into(out, feats, w, t, deltas, shift: float, scale: float = 1.0
     )
 
 
-def packed_spectral_product_(Z: torch.Tensor, K: torch.Tensor, n: int) -> torch.Tensor:
-    """Z <- packed_spectral_product_ref(Z, K, n), in place. Z: contiguous complex64 [..., C, M]."""
+def packed_spectral_product_(Z: torch.Tensor, K: torch.Tensor, n: int, *, block: int = 1024,
+                             warps: int = 4) -> torch.Tensor:
+    """Z <- packed_spectral_product_ref(Z, K, n), in place. Z: contiguous complex64 [..., C, M].
+    block, warps: the Triton launch (frequencies and warps per program)."""
     M = n // 2
     C = K.shape[0]
     ok = (Z.dtype == torch.complex64 and K.dtype == torch.complex64 and Z.is_contiguous() and K.stride(-1) == 1
@@ -228,11 +230,10 @@ def packed_spectral_product_(Z: torch.Tensor, K: torch.Tensor, n: int) -> torch.
     k = _kernels()
     half = M // 2
     R = Z.numel() // M
-    BLK = 512
     w = torch.view_as_real(_twiddles(n, half + 1, Z.dtype, Z.device))
-    grid = (R, triton_cdiv(half + 1, BLK))
+    grid = (R, triton_cdiv(half + 1, block))
     k.packed_product_kernel[grid](torch.view_as_real(Z), torch.view_as_real(K), w, M, half, C, 2 * K.stride(0),
-                                  BLK=BLK, num_warps=4)
+                 BLK=block, num_warps=warps)
     return Z
 
 
@@ -353,34 +354,32 @@ def _kernels():
     @triton.jit
     def packed_product_kernel(z_ptr, k_ptr, w_ptr, M, half, C, skc, BLK: tl.constexpr):
         # One row r, frequencies j = 0..half and their mirrors M - j: each program reads and writes
-        # only its own pairs, so the update is in place. Complex numbers are (re, im) float pairs.
+        # only its own pairs, so the update is in place. Complex numbers are (re, im) float pairs,
+        # loaded and stored as [BLK, 2] tiles (one 8-byte access each) and split into parts.
         r = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1) * BLK + tl.arange(0, BLK)
         m = j <= half
+        m2 = m[:, None]
+        ri = tl.arange(0, 2)[None, :]
         zr = z_ptr + r * 2 * M
         kr = k_ptr + (r % C) * skc
         jz = tl.where(j == 0, 0, M - j)  # Z's mirror index (mod M)
-        a_re = tl.load(zr + 2 * j, mask=m, other=0.0)
-        a_im = tl.load(zr + 2 * j + 1, mask=m, other=0.0)
-        b_re = tl.load(zr + 2 * jz, mask=m, other=0.0)
-        b_im = tl.load(zr + 2 * jz + 1, mask=m, other=0.0)
+        jk = M - j  # K's mirror index (K has M + 1 entries)
+        a_re, a_im = tl.split(tl.load(zr + 2 * j[:, None] + ri, mask=m2, other=0.0))
+        b_re, b_im = tl.split(tl.load(zr + 2 * jz[:, None] + ri, mask=m2, other=0.0))
+        w_re, w_im = tl.split(tl.load(w_ptr + 2 * j[:, None] + ri, mask=m2, other=0.0))
+        kk_re, kk_im = tl.split(tl.load(kr + 2 * j[:, None] + ri, mask=m2, other=0.0))
+        km_re, km_im = tl.split(tl.load(kr + 2 * jk[:, None] + ri, mask=m2, other=0.0))
         e_re = (a_re + b_re) * 0.5
         e_im = (a_im - b_im) * 0.5
         o_re = (a_im + b_im) * 0.5
         o_im = (b_re - a_re) * 0.5
-        w_re = tl.load(w_ptr + 2 * j, mask=m, other=0.0)
-        w_im = tl.load(w_ptr + 2 * j + 1, mask=m, other=0.0)
         wo_re = w_re * o_re - w_im * o_im
         wo_im = w_re * o_im + w_im * o_re
         xk_re = e_re + wo_re  # X[j]
         xk_im = e_im + wo_im
         xm_re = e_re - wo_re  # X[M - j] = conj(E - w^j O)
         xm_im = wo_im - e_im
-        jk = M - j  # K's mirror index (K has M + 1 entries)
-        kk_re = tl.load(kr + 2 * j, mask=m, other=0.0)
-        kk_im = tl.load(kr + 2 * j + 1, mask=m, other=0.0)
-        km_re = tl.load(kr + 2 * jk, mask=m, other=0.0)
-        km_im = tl.load(kr + 2 * jk + 1, mask=m, other=0.0)
         yk_re = xk_re * kk_re - xk_im * kk_im
         yk_im = xk_re * kk_im + xk_im * kk_re
         ym_re = xm_re * km_re - xm_im * km_im
@@ -390,12 +389,11 @@ def _kernels():
         s_im = yk_im - ym_im
         d_re = yk_re - ym_re
         d_im = yk_im + ym_im
-        tl.store(zr + 2 * j, s_re + w_im * d_re - w_re * d_im, mask=m)
-        tl.store(zr + 2 * j + 1, s_im + w_im * d_im + w_re * d_re, mask=m)
+        zk = tl.join(s_re + w_im * d_re - w_re * d_im, s_im + w_im * d_im + w_re * d_re)
+        tl.store(zr + 2 * j[:, None] + ri, zk, mask=m2)
         # Z'[M-j] = conj(s) - i w^j (-conj d) = conj(s) + i w^j conj(d)
-        mm = m & (j > 0)
-        tl.store(zr + 2 * jk, s_re - w_im * d_re + w_re * d_im, mask=mm)
-        tl.store(zr + 2 * jk + 1, -s_im + w_re * d_re + w_im * d_im, mask=mm)
+        zm = tl.join(s_re - w_im * d_re + w_re * d_im, -s_im + w_re * d_re + w_im * d_im)
+        tl.store(zr + 2 * jk[:, None] + ri, zm, mask=m2 & (j > 0)[:, None])
 
     class K:
         pass
