@@ -295,6 +295,9 @@ def test_fused_kernels_match_their_twins_cuda(cd):
     got = hf.layer_norm_to(r, wn, bn, 1e-5, cd)
     want = hf.layer_norm_to_ref(r, wn, bn, 1e-5, cd)
     assert got.dtype == cd and rel(got.float(), want.float()) <= (1e-5 if cd is torch.float32 else 1e-2), f"seed {seed}"
+    inplace = r.clone()
+    hf.layer_norm_to(inplace, wn, bn, 1e-5, torch.float32, out=inplace)
+    assert rel(inplace, hf.layer_norm_to_ref(r, wn, bn, 1e-5, torch.float32)) <= 1e-5, f"seed {seed}"
 
     feats = torch.randn(L, 64, generator=g).to(dev)
     wf = torch.randn(d, 64, generator=g).to(dev)

@@ -91,9 +91,9 @@ class LeanHyenaInference:
                     _stage_c(layer, wts, res, gate, b0, b1, s0, s1, cd)
             del gate, vbuf, kbuf
             ln = backbone.ln_f
-            for s0 in range(0, L, steps):
-                s1 = min(s0 + steps, L)
-                res[:, s0:s1] = layer_norm_to(res[:, s0:s1], ln.weight, ln.bias, ln.eps, wide)
+            for b0, b1, s0, s1 in _row_blocks(B, L, self.seq_chunk):
+                r = res[b0:b1, s0:s1]
+                layer_norm_to(r, ln.weight, ln.bias, ln.eps, wide, out=r)  # in place
         return res
 
     def _spectrum_fn(self, i: int, filt, L: int, n: int, kbuf: torch.Tensor):

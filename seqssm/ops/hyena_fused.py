@@ -150,13 +150,17 @@ def fft_epilogue(y, x, gate, D) -> None:
     )
 
 
-def layer_norm_to(x, weight, bias, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """LayerNorm over the last dim of a float32 [B, S, d] tensor (any strides with unit last)."""
-    if not _use_triton(x) or x.dtype != torch.float32 or x.stride(-1) != 1 or x.dim() != 3:
-        return layer_norm_to_ref(x, weight, bias, eps, dtype)
+def layer_norm_to(x, weight, bias, eps: float, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm over the last dim of a float32 [B, S, d] tensor (any strides with unit last).
+    out: where to write (shaped like x, unit last stride; may be x itself: each row is read before written)."""
+    if (not _use_triton(x) or x.dtype != torch.float32 or x.stride(-1) != 1 or x.dim() != 3
+            or (out is not None and out.stride(-1) != 1)):
+        y = layer_norm_to_ref(x, weight, bias, eps, dtype)
+        return y if out is None else out.copy_(y)
     k = _kernels()
     B, S, d = x.shape
-    out = torch.empty(B, S, d, device=x.device, dtype=dtype)
+    if out is None:
+        out = torch.empty(B, S, d, device=x.device, dtype=dtype)
     BD = 1 << (d - 1).bit_length()
     ROWS = 8
     grid = (triton_cdiv(S, ROWS), B)
