@@ -71,14 +71,18 @@ def test_packed_spectral_product_twin_is_the_real_fft_convolution(n):
     g, seed = fresh_generator()
     M, C = n // 2, 5
     x = torch.randn(3, C, n, generator=g, dtype=torch.float64)
-    K = torch.fft.rfft(torch.randn(C, n, generator=g, dtype=torch.float64)) / n
+    kf = torch.randn(C, n, generator=g, dtype=torch.float64) / n
+    K = torch.fft.rfft(kf)
+    Kp = torch.fft.fft(torch.view_as_complex(kf.unflatten(-1, (M, 2))))  # the filter in packed form
+    assert rel(torch.view_as_real(hf.real_spectrum_from_packed(Kp, n)), torch.view_as_real(K)) <= 1e-12
     want = torch.fft.irfft(torch.fft.rfft(x) * K, n=n, norm="forward")
     Z = torch.fft.fft(torch.view_as_complex(x.unflatten(-1, (M, 2))))
-    Zp = hf.packed_spectral_product_ref(Z, K, n)
-    got = torch.view_as_real(torch.fft.ifft(Zp, norm="forward")).flatten(-2)
-    assert rel(got, want) <= 1e-12, f"seed {seed}"
-    Z2 = Z.clone()
-    assert hf.packed_spectral_product_(Z2, K, n) is Z2 and torch.equal(Z2, Zp)  # in place (the twin on CPU)
+    for spec in (K, Kp):
+        Zp = hf.packed_spectral_product_ref(Z, spec, n)
+        got = torch.view_as_real(torch.fft.ifft(Zp, norm="forward")).flatten(-2)
+        assert rel(got, want) <= 1e-12, f"seed {seed}"
+        Z2 = Z.clone()
+        assert hf.packed_spectral_product_(Z2, spec, n) is Z2 and torch.equal(Z2, Zp)  # in place (the twin on CPU)
 
 
 @pytest.mark.parametrize("B,H,L,rows", [(1, 6, 50, 4), (3, 5, 77, 7), (2, 3, 1, 64), (2, 4, 16, 8)])
@@ -91,10 +95,17 @@ def test_packed_gated_fftconv_matches_direct_sum(B, H, L, rows):
     want = fftconv_ref(v, k, D) * gate
     n = fft_length(L)
     vpad = torch.nn.functional.pad(v, (0, n - L))
+    kp = torch.nn.functional.pad(k, (0, n - L)) / n
+    spectra = {
+        "rfft": lambda c0, c1: torch.fft.rfft(k[c0:c1], n=n) / n,
+        "packed": lambda c0, c1: torch.fft.fft(torch.view_as_complex(kp[c0:c1].unflatten(-1, (n // 2, 2)))),
+    }
     for x in (v, vpad):  # unpadded input, and a buffer already zero past L
-        out = fftconv_gated_(x, D, gate.clone(), lambda c0, c1: torch.fft.rfft(k[c0:c1], n=n) / n,
-                             n=n, rows_per_group=rows, packed=True)
-        assert rel(out, want) <= 1e-12, f"seed {seed}"
+        for form, spectrum in spectra.items():
+            if form == "packed" and n % 2:
+                continue
+            out = fftconv_gated_(x, D, gate.clone(), spectrum, n=n, rows_per_group=rows, packed=True)
+            assert rel(out, want) <= 1e-12, f"seed {seed} {form}"
 
 
 def test_gated_fftconv_rejects_a_circular_transform():
@@ -107,13 +118,15 @@ def test_gated_fftconv_rejects_a_circular_transform():
 def test_lean_forward_equals_reference_float32(B, L, seq_chunk, rows):
     g, seed = fresh_generator()
     model = model_for(seed % 1000)
-    model.lean = LeanHyenaInference(seq_chunk=seq_chunk, rows_per_group=rows)
     x = torch.randint(7, 12, (B, L), generator=g)
     want = reference(model, x)
-    with torch.inference_mode():
-        got = model(x)
-    assert got.dtype == torch.float32 and got.shape == want.shape
-    assert rel(got, want) <= 1e-5, f"seed {seed}"
+    for packed in (None, True):  # the CPU default (real transforms), and the packed form's torch twins
+        model.lean = LeanHyenaInference(seq_chunk=seq_chunk, rows_per_group=rows, packed=packed)
+        for _ in range(2):  # the second call uses the cached filter spectra
+            with torch.inference_mode():
+                got = model(x)
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            assert rel(got, want) <= 1e-5, f"seed {seed} packed {packed}"
 
 
 def test_lean_forward_float64_is_exact():
@@ -319,13 +332,14 @@ def test_packed_spectral_product_kernel_matches_its_twin_cuda(n, C, rows):
     M = n // 2
     Z = torch.randn(rows // C, C, M, 2, generator=g)
     Z = torch.view_as_complex(Z).to("cuda")
-    Kfull = torch.view_as_complex(torch.randn(C + 2, M + 1, 2, generator=g)).to("cuda")
-    K = Kfull[1 : C + 1]  # a slice, as the spectrum cache hands out
     c128 = torch.complex128
-    want = hf.packed_spectral_product_ref(Z.to(c128), K.to(c128), n)
-    for block, warps in ((1024, 4), (256, 2)):  # the default launch, and one with many programs per row
-        got = hf.packed_spectral_product_(Z.clone(), K, n, block=block, warps=warps)
-        assert rel(torch.view_as_real(got), torch.view_as_real(want)) <= 1e-6, f"seed {seed}"
+    for size in (M + 1, M):  # the filter's spectrum in rfft form, and in packed form
+        Kfull = torch.view_as_complex(torch.randn(C + 2, size, 2, generator=g)).to("cuda")
+        K = Kfull[1 : C + 1]  # a slice, as the spectrum cache hands out
+        want = hf.packed_spectral_product_ref(Z.to(c128), K.to(c128), n)
+        for block, warps in ((1024, 4), (256, 2)):  # the default launch, and one with many programs per row
+            got = hf.packed_spectral_product_(Z.clone(), K, n, block=block, warps=warps)
+            assert rel(torch.view_as_real(got), torch.view_as_real(want)) <= 1e-6, f"seed {seed} size {size}"
 
 
 def test_add_layer_norm_twin_is_the_residual_add_then_layer_norm():

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqssm.ops.fftconv import fft_length, fftconv_gated_, group_shape
+from seqssm.ops.fftconv import fft_length, fftconv_gated_, group_shape, use_packed
 from seqssm.ops.hyena_fused import (
     accumulate_matmul_,
     add_layer_norm_,
@@ -78,6 +78,7 @@ class LeanHyenaInference:
             # Filter rows of one channel group, zero past L likewise (reused by every layer).
             chans = min(group_shape(B, d, rows)[0], d)
             kbuf = torch.zeros(chans, n, device=device, dtype=wide)
+            packed = use_packed(vbuf, n, L, self.packed)
             for i, layer in enumerate(backbone.layers):
                 mixer = layer.mixer
                 wts = _LayerWeights(layer, cd)
@@ -85,8 +86,8 @@ class LeanHyenaInference:
                     _stage_a(layer, wts, res, gate, vbuf, s0, min(s0 + steps, L), cd)
                 filt = mixer.filter_fn
                 D = filt.bias if filt.use_bias else torch.zeros_like(filt.bias)
-                spectrum = self._spectrum_fn(i, filt, L, n, kbuf)
-                fftconv_gated_(vbuf, D, gate, spectrum, n=n, rows_per_group=rows, packed=self.packed)
+                spectrum = self._spectrum_fn(i, filt, L, n, kbuf, packed)
+                fftconv_gated_(vbuf, D, gate, spectrum, n=n, rows_per_group=rows, packed=packed)
                 for b0, b1, s0, s1 in _row_blocks(B, L, self.seq_chunk):
                     _stage_c(layer, wts, res, gate, b0, b1, s0, s1, cd)
             del gate, vbuf, kbuf
@@ -96,12 +97,12 @@ class LeanHyenaInference:
                 layer_norm_to(r, ln.weight, ln.bias, ln.eps, wide, out=r)  # in place
         return res
 
-    def _spectrum_fn(self, i: int, filt, L: int, n: int, kbuf: torch.Tensor):
-        """spectrum(c0, c1) for layer i: from the cache, or built a group at a time in kbuf
-        (and cached whole when it fits the budget)."""
+    def _spectrum_fn(self, i: int, filt, L: int, n: int, kbuf: torch.Tensor, packed: bool):
+        """spectrum(c0, c1) for layer i (in the packed form when `packed`): from the cache, or built a
+        group at a time in kbuf (and cached whole when it fits the budget)."""
         params = [p for p in filt.implicit_filter.parameters()] + [filt.pos_emb.z, filt.pos_emb.t, filt.modulation.deltas]
         version = tuple((p.data_ptr(), p._version) for p in params)
-        key = (i, L, n, filt.bias.device)
+        key = (i, L, n, packed, filt.bias.device)
         hit = self._cache.get(key)
         if hit is not None and hit[0] == version:
             full = hit[1]
@@ -115,10 +116,12 @@ class LeanHyenaInference:
         def build(c0: int, c1: int) -> torch.Tensor:
             buf = kbuf[: c1 - c0]
             hyena_filter_into(buf, feats, W[c0:c1], t, deltas[c0:c1], filt.modulation.shift, 1.0 / n)
+            if packed:  # the filter's pairs through a half-length complex FFT, like the input
+                return torch.fft.fft(torch.view_as_complex(buf.unflatten(-1, (n // 2, 2))))
             return torch.fft.rfft(buf)
 
         H = filt.d_model
-        size = H * (n // 2 + 1) * 8
+        size = H * (n // 2 + (0 if packed else 1)) * 8
         used = sum(v[1].numel() * 8 for v in self._cache.values())
         if used + size > self.cache_bytes:
             return build

@@ -98,6 +98,13 @@ def group_shape(B: int, H: int, rows_per_group: int) -> tuple[int, int]:
     return max(1, rows_per_group), 1
 
 
+def use_packed(v: torch.Tensor, n: int, L: int, packed: bool | None = None) -> bool:
+    """Whether fftconv_gated_ takes the packed form for this input (see there); None = automatic."""
+    if packed is None:
+        packed = v.shape[-1] == n and n != L and v.dtype == torch.float32 and _use_triton(v)
+    return bool(packed) and n % 2 == 0
+
+
 def fftconv_gated_(
     v: torch.Tensor,
     D: torch.Tensor,
@@ -112,7 +119,8 @@ def fftconv_gated_(
 
     gate: [B, H, L] in any float dtype, overwritten with the result.
     v: float32 (or float64) [B, H, L], or [B, H, n] already zero past L (then no padded copy is made).
-    spectrum(c0, c1) -> complex [c1 - c0, n // 2 + 1]: rfft(k[c0:c1], n) / n. It is called once
+    spectrum(c0, c1) -> complex [c1 - c0, n // 2 + 1]: rfft(k[c0:c1], n) / n, or with packed=True
+    also [c1 - c0, n // 2]: fft of the pairs of k[c0:c1] / n (the packed form). It is called once
     per channel group (all batch rows of a group share it), so an uncached filter is transformed
     once per call, not once per batch row. Groups: see group_shape; scratch is about 16 n bytes
     per row of a group.
@@ -127,9 +135,7 @@ def fftconv_gated_(
     if D.shape != (H,) or v.shape[:2] != (B, H) or v.shape[-1] not in (L, n):
         raise ValueError(f"fftconv_gated_: shapes v {tuple(v.shape)}, gate {tuple(gate.shape)}, D {tuple(D.shape)}")
     padded = v.shape[-1] == n and n != L
-    if packed is None:
-        packed = padded and v.dtype == torch.float32 and _use_triton(v)
-    packed = packed and n % 2 == 0
+    packed = use_packed(v, n, L, packed)
     chans, bstep = group_shape(B, H, rows_per_group)
     with torch.autocast(device_type=v.device.type, enabled=False):
         for c0 in range(0, H, chans):

@@ -90,24 +90,37 @@ def _twiddles(n: int, count: int, dtype: torch.dtype, device: torch.device) -> t
     return torch.polar(torch.ones_like(k), -2 * torch.pi * k / n).to(device=device, dtype=dtype)
 
 
-def packed_spectral_product_ref(Z: torch.Tensor, K: torch.Tensor, n: int) -> torch.Tensor:
-    """One real FFT convolution's spectral step, in the packed form of two half-length complex FFTs.
+def real_spectrum_from_packed(Z: torch.Tensor, n: int) -> torch.Tensor:
+    """rfft(x, n) [..., n/2 + 1] from Z = fft(x[..., 0::2] + i x[..., 1::2]) [..., n/2] (x real, length n).
 
-    With M = n / 2, z[m] = x[2m] + i x[2m+1] (a real row x of length n read as complex pairs) and
-    Z = fft(z) [..., C, M]: the spectrum of x is X[k] = E[k] + w^k O[k] (k = 0..M), where
-    E = (Z[k] + conj Z[M-k]) / 2, O = (Z[k] - conj Z[M-k]) / 2i, w = exp(-2 pi i / n), indices mod M.
-    Y = X K with K [C, M+1] = rfft(filter, n) / n. Returned: Z' [..., C, M] with
-    Z'[k] = (Y[k] + conj Y[M-k]) + i w^-k (Y[k] - conj Y[M-k]), so that ifft(Z', norm="forward") = y[2m] + i y[2m+1]
-    for y = irfft(Y, n, norm="forward"): the real convolution without cuFFT's real-to-complex pre- and
-    post-processing passes, and without the copy torch makes of every complex-to-real input.
-    """
+    X[k] = E[k] + w^k O[k] (k = 0..M, M = n/2), where E = (Z[k] + conj Z[M-k]) / 2 and
+    O = (Z[k] - conj Z[M-k]) / 2i are the transforms of the even and odd samples, w = exp(-2 pi i / n),
+    indices mod M."""
     M = n // 2
     k = torch.arange(M, device=Z.device)
     w = _twiddles(n, M, Z.dtype, Z.device)
     Zm = Z[..., (-k) % M].conj()
     E, O = (Z + Zm) / 2, (Z - Zm) / 2j
-    X = torch.cat([E + w * O, E[..., :1] - O[..., :1]], dim=-1)
-    Y = X * K
+    return torch.cat([E + w * O, E[..., :1] - O[..., :1]], dim=-1)
+
+
+def packed_spectral_product_ref(Z: torch.Tensor, K: torch.Tensor, n: int) -> torch.Tensor:
+    """One real FFT convolution's spectral step, in the packed form of two half-length complex FFTs.
+
+    Z = fft(x[..., 0::2] + i x[..., 1::2]) [..., C, M] (M = n / 2) for real rows x of length n; the
+    filter's spectrum K is either rfft(filter, n) / n [C, M+1] or, in the same packed form as Z, the
+    FFT of the scaled filter's pairs [C, M]. With X = real_spectrum_from_packed(Z) and Y = X K, the
+    result Z' [..., C, M] = (Y[k] + conj Y[M-k]) + i w^-k (Y[k] - conj Y[M-k]) satisfies
+    ifft(Z', norm="forward") = y[2m] + i y[2m+1] for y = irfft(Y, n, norm="forward"): the real
+    convolution without cuFFT's real-to-complex pre- and post-processing passes, and without the copy
+    torch makes of every complex-to-real input.
+    """
+    M = n // 2
+    if K.shape[-1] == M:
+        K = real_spectrum_from_packed(K, n)
+    k = torch.arange(M, device=Z.device)
+    w = _twiddles(n, M, Z.dtype, Z.device)
+    Y = real_spectrum_from_packed(Z, n) * K
     Ym = Y[..., M - k].conj()
     return (Y[..., :M] + Ym) + 1j * w.conj() * (Y[..., :M] - Ym)
 
@@ -223,12 +236,13 @@ def hyena_filter_into(out, feats, w, t, deltas, shift: float, scale: float = 1.0
 
 def packed_spectral_product_(Z: torch.Tensor, K: torch.Tensor, n: int, *, block: int = 1024,
                              warps: int = 4) -> torch.Tensor:
-    """Z <- packed_spectral_product_ref(Z, K, n), in place. Z: contiguous complex64 [..., C, M].
+    """Z <- packed_spectral_product_ref(Z, K, n), in place. Z: contiguous complex64 [..., C, M];
+    K: complex64 [C, M+1] (rfft form) or [C, M] (packed form), unit last stride.
     block, warps: the Triton launch (frequencies and warps per program)."""
     M = n // 2
     C = K.shape[0]
     ok = (Z.dtype == torch.complex64 and K.dtype == torch.complex64 and Z.is_contiguous() and K.stride(-1) == 1
-          and Z.shape[-1] == M and Z.shape[-2] == C and K.shape[-1] == M + 1)
+          and Z.shape[-1] == M and Z.shape[-2] == C and K.shape[-1] in (M, M + 1))
     if not ok or not _use_triton(Z, K):
         return Z.copy_(packed_spectral_product_ref(Z, K, n))
     k = _kernels()
@@ -237,7 +251,7 @@ def packed_spectral_product_(Z: torch.Tensor, K: torch.Tensor, n: int, *, block:
     w = torch.view_as_real(_twiddles(n, half + 1, Z.dtype, Z.device))
     grid = (R, triton_cdiv(half + 1, block))
     k.packed_product_kernel[grid](torch.view_as_real(Z), torch.view_as_real(K), w, M, half, C, 2 * K.stride(0),
-                 BLK=block, num_warps=warps)
+                                  BLK=block, KPACKED=K.shape[-1] == M, num_warps=warps)
     return Z
 
 
@@ -356,7 +370,7 @@ def _kernels():
         tl.store(o_ptr + c.to(tl.int64)[:, None] * so + t[None, :], acc * win, mask=cm[:, None] & tm[None, :])
 
     @triton.jit
-    def packed_product_kernel(z_ptr, k_ptr, w_ptr, M, half, C, skc, BLK: tl.constexpr):
+    def packed_product_kernel(z_ptr, k_ptr, w_ptr, M, half, C, skc, BLK: tl.constexpr, KPACKED: tl.constexpr):
         # One row r, frequencies j = 0..half and their mirrors M - j: each program reads and writes
         # only its own pairs, so the update is in place. Complex numbers are (re, im) float pairs,
         # loaded and stored as [BLK, 2] tiles (one 8-byte access each) and split into parts.
@@ -372,8 +386,22 @@ def _kernels():
         a_re, a_im = tl.split(tl.load(zr + 2 * j[:, None] + ri, mask=m2, other=0.0))
         b_re, b_im = tl.split(tl.load(zr + 2 * jz[:, None] + ri, mask=m2, other=0.0))
         w_re, w_im = tl.split(tl.load(w_ptr + 2 * j[:, None] + ri, mask=m2, other=0.0))
-        kk_re, kk_im = tl.split(tl.load(kr + 2 * j[:, None] + ri, mask=m2, other=0.0))
-        km_re, km_im = tl.split(tl.load(kr + 2 * jk[:, None] + ri, mask=m2, other=0.0))
+        if KPACKED:  # K from the filter's packed transform, exactly as X from Z below
+            p_re, p_im = tl.split(tl.load(kr + 2 * j[:, None] + ri, mask=m2, other=0.0))
+            q_re, q_im = tl.split(tl.load(kr + 2 * jz[:, None] + ri, mask=m2, other=0.0))
+            ke_re = (p_re + q_re) * 0.5
+            ke_im = (p_im - q_im) * 0.5
+            ko_re = (p_im + q_im) * 0.5
+            ko_im = (q_re - p_re) * 0.5
+            kwo_re = w_re * ko_re - w_im * ko_im
+            kwo_im = w_re * ko_im + w_im * ko_re
+            kk_re = ke_re + kwo_re
+            kk_im = ke_im + kwo_im
+            km_re = ke_re - kwo_re
+            km_im = kwo_im - ke_im
+        else:
+            kk_re, kk_im = tl.split(tl.load(kr + 2 * j[:, None] + ri, mask=m2, other=0.0))
+            km_re, km_im = tl.split(tl.load(kr + 2 * jk[:, None] + ri, mask=m2, other=0.0))
         e_re = (a_re + b_re) * 0.5
         e_im = (a_im - b_im) * 0.5
         o_re = (a_im + b_im) * 0.5
