@@ -192,6 +192,11 @@ def test_spectrum_cache_is_used_and_invalidated_by_parameter_updates():
         updated = model(x)
     assert rel(updated, reference(model, x)) <= 1e-5, f"seed {seed}"
     assert rel(updated, first) > 1e-3
+    # Switching the transform form replaces each layer's entry instead of caching a second form.
+    model.lean.packed = True
+    with torch.no_grad():
+        assert rel(model(x), updated) <= 1e-5
+    assert len(model.lean._cache) == model.config.n_layer
 
 
 def test_spectrum_cache_respects_its_budget():

@@ -102,7 +102,8 @@ class LeanHyenaInference:
         group at a time in kbuf (and cached whole when it fits the budget)."""
         params = [p for p in filt.implicit_filter.parameters()] + [filt.pos_emb.z, filt.pos_emb.t, filt.modulation.deltas]
         version = tuple((p.data_ptr(), p._version) for p in params)
-        key = (i, L, n, packed, filt.bias.device)
+        key = (i, L, n, filt.bias.device)
+        version = (version, packed)  # one form per layer and length: the other one is dropped, not kept too
         hit = self._cache.get(key)
         if hit is not None and hit[0] == version:
             full = hit[1]
