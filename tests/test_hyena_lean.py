@@ -359,6 +359,18 @@ def test_add_layer_norm_twin_is_the_residual_add_then_layer_norm():
     assert rel(h, want_h) <= 1e-12 and rel(got_r, s + b_out) <= 1e-12, f"seed {seed}"
 
 
+def test_accumulate_matmul_adds_the_product_in_place():
+    """On CPU (and where torch lacks the mixed-precision addmm): same dtype -> addmm_, else one add."""
+    g, seed = fresh_generator()
+    out = torch.randn(30, 8, generator=g)
+    a, b = torch.randn(30, 16, generator=g), torch.randn(8, 16, generator=g).t()
+    for dt, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        o = out.clone()
+        got = hf.accumulate_matmul_(o, a.to(dt), b.to(dt))
+        assert got.data_ptr() == o.data_ptr() and got.dtype == torch.float32
+        assert rel(o, out + a.to(dt).float() @ b.to(dt).float()) <= tol, f"seed {seed}"
+
+
 def test_row_blocks_cover_every_token_once_in_contiguous_slices():
     from seqssm.models.hyena_lean import _row_blocks
 
