@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqssm.ops.hyena_fused import _use_triton, fft_epilogue, packed_spectral_product_
+from seqssm.ops.hyena_fused import use_triton, fft_epilogue, packed_spectral_product_
 
 
 def _check(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor) -> int:
@@ -101,7 +101,7 @@ def group_shape(B: int, H: int, rows_per_group: int) -> tuple[int, int]:
 def use_packed(v: torch.Tensor, n: int, L: int, packed: bool | None = None) -> bool:
     """Whether fftconv_gated_ takes the packed form for this input (see there); None = automatic."""
     if packed is None:
-        packed = v.shape[-1] == n and n != L and v.dtype == torch.float32 and _use_triton(v)
+        packed = v.shape[-1] == n and n != L and v.dtype == torch.float32 and use_triton(v)
     return bool(packed) and n % 2 == 0
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _use_triton(*tensors: torch.Tensor) -> bool:
+def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors) and _kernels() is not None
 
 
@@ -130,7 +130,7 @@ def packed_spectral_product_ref(Z: torch.Tensor, K: torch.Tensor, n: int) -> tor
 
 
 def short_conv_gate(z, w, bias, gate, vbuf, s0: int, ctx: int) -> None:
-    if not _use_triton(z, gate, vbuf) or vbuf.dtype != torch.float32:
+    if not use_triton(z, gate, vbuf) or vbuf.dtype != torch.float32:
         return short_conv_gate_ref(z, w, bias, gate, vbuf, s0, ctx)
     k = _kernels()
     B, rows, three_d = z.shape
@@ -150,7 +150,7 @@ def short_conv_gate(z, w, bias, gate, vbuf, s0: int, ctx: int) -> None:
 
 
 def fft_epilogue(y, x, gate, D) -> None:
-    if not _use_triton(y, x, gate) or y.stride(-1) != 1 or x.stride(-1) != 1 or gate.stride(-1) != 1:
+    if not use_triton(y, x, gate) or y.stride(-1) != 1 or x.stride(-1) != 1 or gate.stride(-1) != 1:
         return fft_epilogue_ref(y, x, gate, D)
     k = _kernels()
     B, C, L = gate.shape
@@ -166,7 +166,7 @@ def fft_epilogue(y, x, gate, D) -> None:
 def layer_norm_to(x, weight, bias, eps: float, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """LayerNorm over the last dim of a float32 [B, S, d] tensor (any strides with unit last).
     out: where to write (shaped like x, unit last stride; may be x itself: each row is read before written)."""
-    if (not _use_triton(x) or x.dtype != torch.float32 or x.stride(-1) != 1 or x.dim() != 3
+    if (not use_triton(x) or x.dtype != torch.float32 or x.stride(-1) != 1 or x.dim() != 3
             or (out is not None and out.stride(-1) != 1)):
         y = layer_norm_to_ref(x, weight, bias, eps, dtype)
         return y if out is None else out.copy_(y)
@@ -187,7 +187,7 @@ def layer_norm_to(x, weight, bias, eps: float, dtype: torch.dtype, out: torch.Te
 
 def add_layer_norm_(r, y, b_in, b_out, weight, bias, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """r [..., d] float32 updated in place; y [..., d] any float dtype; returns LayerNorm(r + y + b_in) in dtype."""
-    if (not _use_triton(r, y) or r.dtype != torch.float32 or not r.is_contiguous() or not y.is_contiguous()
+    if (not use_triton(r, y) or r.dtype != torch.float32 or not r.is_contiguous() or not y.is_contiguous()
             or y.shape != r.shape):
         return add_layer_norm_ref(r, y, b_in, b_out, weight, bias, eps, dtype)
     k = _kernels()
@@ -220,7 +220,7 @@ def accumulate_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
 
 def hyena_filter_into(out, feats, w, t, deltas, shift: float, scale: float = 1.0) -> None:
     """Float32 only; the dot is split into three TF32 products (float32 accuracy, tensor-core speed)."""
-    if not _use_triton(out, feats) or feats.dtype != torch.float32 or out.stride(-1) != 1:
+    if not use_triton(out, feats) or feats.dtype != torch.float32 or out.stride(-1) != 1:
         return hyena_filter_into_ref(out, feats, w, t, deltas, shift, scale)
     k = _kernels()
     L, Fo = feats.shape
@@ -243,7 +243,7 @@ def packed_spectral_product_(Z: torch.Tensor, K: torch.Tensor, n: int, *, block:
     C = K.shape[0]
     ok = (Z.dtype == torch.complex64 and K.dtype == torch.complex64 and Z.is_contiguous() and K.stride(-1) == 1
           and Z.shape[-1] == M and Z.shape[-2] == C and K.shape[-1] in (M, M + 1))
-    if not ok or not _use_triton(Z, K):
+    if not ok or not use_triton(Z, K):
         return Z.copy_(packed_spectral_product_ref(Z, K, n))
     k = _kernels()
     half = M // 2
@@ -370,6 +370,18 @@ def _kernels():
         tl.store(o_ptr + c.to(tl.int64)[:, None] * so + t[None, :], acc * win, mask=cm[:, None] & tm[None, :])
 
     @triton.jit
+    def unpack_pair(a_re, a_im, b_re, b_im, w_re, w_im):
+        # From a packed transform's Z[j] = a and Z[M-j] = b: X[j] = E + w^j O and X[M-j] = conj(E - w^j O),
+        # with E = (a + conj b) / 2 and O = (a - conj b) / 2i (real_spectrum_from_packed, pairwise).
+        e_re = (a_re + b_re) * 0.5
+        e_im = (a_im - b_im) * 0.5
+        o_re = (a_im + b_im) * 0.5
+        o_im = (b_re - a_re) * 0.5
+        wo_re = w_re * o_re - w_im * o_im
+        wo_im = w_re * o_im + w_im * o_re
+        return e_re + wo_re, e_im + wo_im, e_re - wo_re, wo_im - e_im
+
+    @triton.jit
     def packed_product_kernel(z_ptr, k_ptr, w_ptr, M, half, C, skc, BLK: tl.constexpr, KPACKED: tl.constexpr):
         # One row r, frequencies j = 0..half and their mirrors M - j: each program reads and writes
         # only its own pairs, so the update is in place. Complex numbers are (re, im) float pairs,
@@ -386,32 +398,14 @@ def _kernels():
         a_re, a_im = tl.split(tl.load(zr + 2 * j[:, None] + ri, mask=m2, other=0.0))
         b_re, b_im = tl.split(tl.load(zr + 2 * jz[:, None] + ri, mask=m2, other=0.0))
         w_re, w_im = tl.split(tl.load(w_ptr + 2 * j[:, None] + ri, mask=m2, other=0.0))
-        if KPACKED:  # K from the filter's packed transform, exactly as X from Z below
+        if KPACKED:  # the filter's spectrum from its packed transform, exactly as X from Z
             p_re, p_im = tl.split(tl.load(kr + 2 * j[:, None] + ri, mask=m2, other=0.0))
             q_re, q_im = tl.split(tl.load(kr + 2 * jz[:, None] + ri, mask=m2, other=0.0))
-            ke_re = (p_re + q_re) * 0.5
-            ke_im = (p_im - q_im) * 0.5
-            ko_re = (p_im + q_im) * 0.5
-            ko_im = (q_re - p_re) * 0.5
-            kwo_re = w_re * ko_re - w_im * ko_im
-            kwo_im = w_re * ko_im + w_im * ko_re
-            kk_re = ke_re + kwo_re
-            kk_im = ke_im + kwo_im
-            km_re = ke_re - kwo_re
-            km_im = kwo_im - ke_im
+            kk_re, kk_im, km_re, km_im = unpack_pair(p_re, p_im, q_re, q_im, w_re, w_im)
         else:
             kk_re, kk_im = tl.split(tl.load(kr + 2 * j[:, None] + ri, mask=m2, other=0.0))
             km_re, km_im = tl.split(tl.load(kr + 2 * jk[:, None] + ri, mask=m2, other=0.0))
-        e_re = (a_re + b_re) * 0.5
-        e_im = (a_im - b_im) * 0.5
-        o_re = (a_im + b_im) * 0.5
-        o_im = (b_re - a_re) * 0.5
-        wo_re = w_re * o_re - w_im * o_im
-        wo_im = w_re * o_im + w_im * o_re
-        xk_re = e_re + wo_re  # X[j]
-        xk_im = e_im + wo_im
-        xm_re = e_re - wo_re  # X[M - j] = conj(E - w^j O)
-        xm_im = wo_im - e_im
+        xk_re, xk_im, xm_re, xm_im = unpack_pair(a_re, a_im, b_re, b_im, w_re, w_im)
         yk_re = xk_re * kk_re - xk_im * kk_im
         yk_im = xk_re * kk_im + xk_im * kk_re
         ym_re = xm_re * km_re - xm_im * km_im
