@@ -84,6 +84,18 @@ def _target_columns(task: str, names: list[str], y: np.ndarray) -> dict:
     return {f"label_{n}": y[:, j].astype(np.float32) for j, n in enumerate(names)}
 
 
+def _tsv_options(names: list[str], quoting: str):
+    """Arrow quotes every header name unless told otherwise (quoting_header, pyarrow >= 22)."""
+    kw = {"delimiter": "\t", "quoting_style": quoting}
+    if quoting == "none" and not any(c in name for name in names for c in '\t\n\r"'):
+        kw["quoting_header"] = "none"
+    try:
+        return pacsv.WriteOptions(**kw)
+    except TypeError:  # an older pyarrow: quoted header names, which TSV readers accept
+        kw.pop("quoting_header", None)
+        return pacsv.WriteOptions(**kw)
+
+
 def run_predict(opts: PredictOptions) -> PredictSummary:
     if (opts.regions is None) == (opts.sequences is None):
         raise SeqssmError("give the inputs as --regions BED --genome FASTA, or as --sequences TABLE_OR_FASTA")
@@ -165,10 +177,10 @@ def run_predict(opts: PredictOptions) -> PredictSummary:
     if output.suffix.lower() in (".parquet", ".pq"):
         pq.write_table(tbl, tmp)
     else:
-        try:  # plain TSV; quotes only if a value really needs them
-            pacsv.write_csv(tbl, tmp, pacsv.WriteOptions(delimiter="\t", quoting_style="none"))
+        try:  # plain TSV, header included; quotes only if a value really needs them
+            pacsv.write_csv(tbl, tmp, _tsv_options(tbl.column_names, "none"))
         except pa.ArrowInvalid:
-            pacsv.write_csv(tbl, tmp, pacsv.WriteOptions(delimiter="\t"))
+            pacsv.write_csv(tbl, tmp, _tsv_options(tbl.column_names, "needed"))
     os.replace(tmp, output)
 
     summary = PredictSummary(output=output, rows=len(ex), seconds=time.perf_counter() - t0, task=head.task,

@@ -79,6 +79,7 @@ def test_flatten_run_then_predict(files, tmp_path):  # noqa: F811
     res = CliRunner().invoke(app, ["predict", "--model", str(out), "--sequences", str(files["table"]),
                                    "-o", str(pred), "--device", "cpu", "--quiet"])
     assert res.exit_code == 0, res.output
+    assert '"' not in pred.read_text().splitlines()[0]  # a plain header, also for table input (empty chrom)
     got = pd.read_csv(pred, sep="\t")["prob_GC"].to_numpy()
     seqs = [line.split(",")[1] for line in files["table"].read_text().splitlines()[1:]]
     from seqssm.tokenizers.dna import encode
