@@ -213,6 +213,8 @@ def accumulate_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
     if out.is_cuda and _ADDMM_OUT_DTYPE[0]:
         try:
             return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError):  # no mixed-precision addmm in this torch: one add pass instead
             _ADDMM_OUT_DTYPE[0] = False
     return out.add_(a @ b)
