@@ -140,7 +140,7 @@ class _LayerWeights:
         cast = lambda t: None if t is None else t.to(cd)  # noqa: E731
         self.in_w, self.in_b = cast(mixer.in_proj.weight), cast(mixer.in_proj.bias)
         self.out_wt = cast(mixer.out_proj.weight).t()
-        zeros = lambda lin: torch.zeros(lin.out_features, device=lin.weight.device, dtype=lin.weight.dtype)  # noqa: E731
+        zeros = lambda lin: lin.weight.new_zeros(lin.out_features)  # noqa: E731
         self.out_b = mixer.out_proj.bias if mixer.out_proj.bias is not None else zeros(mixer.out_proj)
         self.fc1_w, self.fc1_b = cast(mlp.fc1.weight), cast(mlp.fc1.bias)
         self.fc2_wt = cast(mlp.fc2.weight).t()
