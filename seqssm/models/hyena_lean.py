@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqssm.ops.fftconv import fft_length, fftconv_gated_, group_shape, use_packed
+from seqssm.ops.fftconv import fft_length, fftconv_gated_, group_shape, packed_fft, use_packed
 from seqssm.ops.hyena_fused import (
     accumulate_matmul_,
     add_layer_norm_,
@@ -101,9 +101,9 @@ class LeanHyenaInference:
         """spectrum(c0, c1) for layer i (in the packed form when `packed`): from the cache, or built a
         group at a time in kbuf (and cached whole when it fits the budget)."""
         params = [p for p in filt.implicit_filter.parameters()] + [filt.pos_emb.z, filt.pos_emb.t, filt.modulation.deltas]
-        version = tuple((p.data_ptr(), p._version) for p in params)
+        # One form per layer and length: switching forms replaces the entry rather than keeping both.
+        version = (tuple((p.data_ptr(), p._version) for p in params), packed)
         key = (i, L, n, filt.bias.device)
-        version = (version, packed)  # one form per layer and length: the other one is dropped, not kept too
         hit = self._cache.get(key)
         if hit is not None and hit[0] == version:
             full = hit[1]
@@ -117,9 +117,7 @@ class LeanHyenaInference:
         def build(c0: int, c1: int) -> torch.Tensor:
             buf = kbuf[: c1 - c0]
             hyena_filter_into(buf, feats, W[c0:c1], t, deltas[c0:c1], filt.modulation.shift, 1.0 / n)
-            if packed:  # the filter's pairs through a half-length complex FFT, like the input
-                return torch.fft.fft(torch.view_as_complex(buf.unflatten(-1, (n // 2, 2))))
-            return torch.fft.rfft(buf)
+            return packed_fft(buf) if packed else torch.fft.rfft(buf)  # packed: like the input
 
         H = filt.d_model
         size = H * (n // 2 + (0 if packed else 1)) * 8

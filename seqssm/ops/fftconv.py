@@ -98,6 +98,27 @@ def group_shape(B: int, H: int, rows_per_group: int) -> tuple[int, int]:
     return max(1, rows_per_group), 1
 
 
+def packed_fft(x: torch.Tensor) -> torch.Tensor:
+    """fft(x[..., 0::2] + i x[..., 1::2]): a real row of even length n as n/2 complex pairs, transformed
+    (a view, no copy, when the last axis is contiguous)."""
+    return torch.fft.fft(torch.view_as_complex(x.unflatten(-1, (x.shape[-1] // 2, 2))))
+
+
+def _packed_convolve(x: torch.Tensor, k_f: torch.Tensor, n: int, padded: bool, L: int) -> torch.Tensor:
+    """irfft(rfft(x, n) K, n, norm="forward") through half-length complex FFTs (see packed_spectral_product_)."""
+    Z = packed_fft(x if padded else F.pad(x, (0, n - L)))
+    packed_spectral_product_(Z, k_f, n)
+    return torch.view_as_real(torch.fft.ifft(Z, norm="forward")).flatten(-2)
+
+
+def _real_convolve(x: torch.Tensor, k_f: torch.Tensor, n: int, padded: bool) -> torch.Tensor:
+    """irfft(rfft(x, n) K, n, norm="forward") through cuFFT's real transforms."""
+    X = torch.fft.rfft(x) if padded else torch.fft.rfft(x, n=n)
+    for Xb in X:  # same-shape products: the vectorised kernel, not a broadcasting one
+        Xb *= k_f
+    return torch.fft.irfft(X, n=n, norm="forward")
+
+
 def use_packed(v: torch.Tensor, n: int, L: int, packed: bool | None = None) -> bool:
     """Whether fftconv_gated_ takes the packed form for this input (see there); None = automatic."""
     if packed is None:
@@ -144,20 +165,7 @@ def fftconv_gated_(
             for b0 in range(0, B, bstep):
                 b1 = min(b0 + bstep, B)
                 x = v[b0:b1, c0:c1]
-                if packed:
-                    xp = x if padded else F.pad(x, (0, n - L))
-                    Z = torch.fft.fft(torch.view_as_complex(xp.unflatten(-1, (n // 2, 2))))
-                    packed_spectral_product_(Z, k_f, n)
-                    y = torch.view_as_real(torch.fft.ifft(Z, norm="forward")).flatten(-2)
-                    del Z
-                    fft_epilogue(y, x[..., :L], gate[b0:b1, c0:c1], D[c0:c1])
-                    del y
-                    continue
-                X = torch.fft.rfft(x) if padded else torch.fft.rfft(x, n=n)
-                for Xb in X:  # same-shape products: the vectorised kernel, not a broadcasting one
-                    Xb *= k_f
-                y = torch.fft.irfft(X, n=n, norm="forward")
-                del X
+                y = _packed_convolve(x, k_f, n, padded, L) if packed else _real_convolve(x, k_f, n, padded)
                 fft_epilogue(y, x[..., :L], gate[b0:b1, c0:c1], D[c0:c1])
                 del y
     return gate
