@@ -52,6 +52,7 @@ def pretrain_molecules(
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Maximum tokens per molecule with begin/end. Default 100; longer SMILES are skipped."),
     canonicalize: bool = typer.Option(False, "--canonicalize", help="Train on RDKit canonical SMILES."),
     randomize: Optional[int] = typer.Option(None, "--randomize", help="Train on K random SMILES of each molecule (RDKit, seeded), a new one each epoch (cycled); 0: off. Default off."),
+    given_share: Optional[float] = typer.Option(None, "--given-share", help="With --randomize: each molecule keeps its given SMILES instead of the epoch's random form with this probability (seeded; validation mixed alike). Default 0."),
     d_model: Optional[int] = typer.Option(None, "--d-model", help="Model width. Default 256."),
     n_blocks: Optional[int] = typer.Option(None, "--n-blocks", help="Blocks of [S4, S4, feed-forward]. Default 4."),
     d_state: Optional[int] = typer.Option(None, "--d-state", help="S4 state size N. Default 64."),
@@ -81,7 +82,7 @@ def pretrain_molecules(
     is written to OUTPUT as a model directory for generate-molecules --model OUTPUT.
     """
     _train("pretrain-molecules", smiles, output, valid_file=valid_file, valid_fraction=valid_fraction, column=column,
-           max_len=max_len, canonicalize=canonicalize, randomize=randomize, d_model=d_model, n_blocks=n_blocks, d_state=d_state,
+           max_len=max_len, canonicalize=canonicalize, randomize=randomize, given_share=given_share, d_model=d_model, n_blocks=n_blocks, d_state=d_state,
            dropout=dropout, kernel=kernel, epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr,
            warmup_steps=warmup_steps, weight_decay=weight_decay, eval_every=eval_every, patience=patience, seed=seed,
            device=device, n_jobs=n_jobs, resume=resume, force=force, max_minutes=max_minutes,
@@ -98,6 +99,7 @@ def finetune_molecules(
     column: Optional[str] = typer.Option(None, "--column", help="CSV column holding the SMILES."),
     canonicalize: bool = typer.Option(False, "--canonicalize", help="Train on RDKit canonical SMILES."),
     randomize: Optional[int] = typer.Option(None, "--randomize", help="Train on K random SMILES of each molecule (RDKit, seeded), a new one each epoch (cycled); 0: off. Default off."),
+    given_share: Optional[float] = typer.Option(None, "--given-share", help="With --randomize: each molecule keeps its given SMILES instead of the epoch's random form with this probability (seeded; validation mixed alike). Default 0."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout while fine-tuning (default: the model's)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum passes over the actives. Default 100."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Molecules per step. Default 32."),
@@ -116,7 +118,7 @@ def finetune_molecules(
     from seqssm.chem.model_dir import DEFAULT_MODEL
 
     _train("finetune-molecules", smiles, output, model=model or DEFAULT_MODEL, valid_file=valid_file,
-           valid_fraction=valid_fraction, column=column, canonicalize=canonicalize, randomize=randomize, dropout=dropout,
+           valid_fraction=valid_fraction, column=column, canonicalize=canonicalize, randomize=randomize, given_share=given_share, dropout=dropout,
            epochs=epochs,
            batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device, resume=resume, force=force,
            quiet=quiet)

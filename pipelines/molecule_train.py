@@ -59,6 +59,7 @@ class MoleculeTrainOptions:
     max_len: int | None = None
     canonicalize: bool = False
     randomize: int | None = None  # random SMILES forms per training molecule, one per epoch (cycled)
+    given_share: float | None = None  # with randomize: chance that a molecule keeps its given SMILES in a form
     d_model: int | None = None
     n_blocks: int | None = None
     d_state: int | None = None
@@ -184,7 +185,7 @@ def _random_forms(opts: MoleculeTrainOptions, train: list, valid: list, tokenize
     molecule, their tokens). Validation uses a random form too, so its loss measures what training
     optimises. Forms are never longer than the longest given SMILES (batches stay as narrow) and,
     when fine-tuning, use only the model's tokens; a molecule without such a form keeps its SMILES."""
-    from seqssm.chem.data import randomized_smiles
+    from seqssm.chem.data import mix_given, randomized_smiles
     from seqssm.chem.tokenizer import split_smiles
 
     t0 = time.monotonic()
@@ -193,12 +194,18 @@ def _random_forms(opts: MoleculeTrainOptions, train: list, valid: list, tokenize
     kw = dict(max_tokens=min(longest, max_len - 2), allowed=allowed, n_jobs=opts.n_jobs)
     tr = randomized_smiles(train, opts.randomize, seed=seed, **kw)
     va = randomized_smiles(valid, 1, seed=seed + 1, **kw)
+    share = opts.given_share or 0.0
+    train_forms, valid_form = tr.forms, va.forms[0]
+    if share:  # validation mixes the same way, so its loss still measures what training optimises
+        train_forms = mix_given(train, tr.forms, share, seed=seed)
+        valid_form = mix_given(valid, va.forms, share, seed=seed + 1)[0]
     data["random_forms"] = {"per_molecule": opts.randomize, "given_kept": tr.n_given + va.n_given,
-                            "kind": "RDKit restricted random SMILES", "seed": seed}
+                            "kind": "RDKit restricted random SMILES", "seed": seed, "given_share": share}
     display.log(f"{opts.randomize} random SMILES of each of {len(train):,} training molecules "
                 f"(one per epoch, cycled), 1 of each validation molecule, in {time.monotonic() - t0:.0f} s"
-                + (f"; {tr.n_given + va.n_given:,} forms kept the given SMILES" if tr.n_given + va.n_given else ""))
-    return tr.forms, va.forms[0], tr.tokens | va.tokens
+                + (f"; {tr.n_given + va.n_given:,} forms kept the given SMILES" if tr.n_given + va.n_given else "")
+                + (f"; each form replaced by the given SMILES with probability {share:g}" if share else ""))
+    return train_forms, valid_form, tr.tokens | va.tokens
 
 
 FORMS_CACHE = "random-forms.pt"
@@ -321,16 +328,25 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
             opts.valid_file = Path(saved["valid_file"])
         if finetune and opts.model is None:
             opts.model = saved.get("model")
-        for key in ("valid_fraction", "max_len", "canonicalize", "column", "randomize"):
+        for key in ("valid_fraction", "max_len", "canonicalize", "column", "randomize", "given_share"):
             if saved.get(key) is not None and getattr(opts, key) in (None, False):
                 setattr(opts, key, saved[key])
         if (opts.randomize or None) != (saved.get("randomize") or None):
             raise SeqssmError(f"cannot resume with --randomize {opts.randomize}: the run uses "
                               f"{saved.get('randomize') or 'no random forms'}")
+        if (opts.given_share or None) != (saved.get("given_share") or None):
+            raise SeqssmError(f"cannot resume with --given-share {opts.given_share}: the run uses "
+                              f"{saved.get('given_share') or 0}")
     if not opts.smiles:
         raise SeqssmError("no SMILES file given")
     if opts.randomize is not None and opts.randomize < 0:
         raise SeqssmError(f"--randomize must be 0 (off) or a number of random forms, not {opts.randomize}")
+    if opts.given_share:
+        if not opts.randomize:
+            raise SeqssmError("--given-share mixes the given SMILES into random forms: it needs --randomize K")
+        if not 0 < opts.given_share < 1:
+            raise SeqssmError(f"--given-share must be in [0, 1), not {opts.given_share} (1 would be the given "
+                              "SMILES alone: leave out --randomize)")
     if finetune and not opts.model:
         raise SeqssmError("finetune-molecules needs --model (a pretrained chemical LM: bundled name or directory)")
     device = dist.device
@@ -369,7 +385,8 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
         # run reads them back from FORMS_CACHE); pretraining adds their tokens to the vocabulary.
         forms = cached = None
         if opts.randomize:
-            cache_key = {"fingerprint": fingerprint, "randomize": opts.randomize, "seed": cfg.seed, "max_len": max_len,
+            cache_key = {"fingerprint": fingerprint, "randomize": opts.randomize, "given_share": opts.given_share or 0.0,
+                         "seed": cfg.seed, "max_len": max_len,
                          "train_molecules": len(train_smiles), "valid_molecules": len(valid_smiles)}
             if saved is not None:
                 cached = dist.on_main(lambda: _load_forms(out, {**cache_key, "vocabulary": saved["vocabulary"]}))
@@ -417,7 +434,7 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
             "kind": opts.kind, "status": "running", "smiles": [str(Path(p).resolve()) for p in opts.smiles],
             "valid_file": str(Path(opts.valid_file).resolve()) if opts.valid_file else None,
             "valid_fraction": opts.valid_fraction, "max_len": max_len, "canonicalize": opts.canonicalize,
-            "randomize": opts.randomize or None,
+            "randomize": opts.randomize or None, "given_share": opts.given_share or None,
             "column": opts.column, "model": opts.model, "fingerprint": fingerprint,
             "vocabulary": tokenizer.tokens, "model_config": asdict(model.cfg), "train_config": asdict(cfg),
             "data": data, "parameters": n_params,

@@ -18,7 +18,7 @@ from seqssm.cli.main import app
 
 rdkit = pytest.importorskip("rdkit")
 
-from seqssm.chem.data import canonical, randomized_smiles  # noqa: E402
+from seqssm.chem.data import canonical, mix_given, randomized_smiles  # noqa: E402
 from seqssm.chem.tokenizer import SmilesTokenizer, split_smiles  # noqa: E402
 from seqssm.training.molecules import (  # noqa: E402
     MolTrainConfig,
@@ -86,6 +86,60 @@ def test_parallel_encoding_equals_serial():
     ids, lens = tok.encode_batch(smiles[:50], max_len=100)
     assert torch.equal(a.tokens[:50, : ids.shape[1]].long(), ids)
     assert torch.equal(a.lengths[:50].long(), lens)
+
+
+def test_mix_given_puts_the_given_smiles_back_with_the_asked_probability():
+    smiles = nci_smiles(600)
+    r = randomized_smiles(smiles, 3, seed=2, max_tokens=200)
+    assert mix_given(smiles, r.forms, 0.0, seed=0) == r.forms
+    assert mix_given(smiles, r.forms, 1.0, seed=0) == [smiles] * 3
+    mixed = mix_given(smiles, r.forms, 0.3, seed=0)
+    assert mixed == mix_given(smiles, r.forms, 0.3, seed=0)  # seeded
+    assert mixed != mix_given(smiles, r.forms, 0.3, seed=1)
+    kept = []
+    for j, column in enumerate(mixed):
+        given = [m == s for m, s in zip(column, smiles)]
+        # Every entry is the given SMILES or that molecule's own form j, never another molecule's.
+        assert all(m in (s, f) for m, s, f in zip(column, smiles, r.forms[j]))
+        # Random forms that happen to equal the given SMILES count as kept, so the share is a little
+        # over 0.3; the draws are independent per form (different molecules kept in each column).
+        kept.append({i for i, g in enumerate(given) if g and r.forms[j][i] != smiles[i]})
+        assert 0.22 < sum(given) / len(smiles) < 0.42, sum(given)
+    assert kept[0] != kept[1] != kept[2]
+    with pytest.raises(ValueError):
+        mix_given(smiles, r.forms, 1.5, seed=0)
+    with pytest.raises(ValueError):
+        mix_given(smiles[:10], r.forms, 0.5, seed=0)
+
+
+def test_pretrain_with_given_share_trains_on_the_mixture(tmp_path, nci_file):
+    from seqssm.chem.model_dir import load_chem_model
+    from seqssm.pipelines.molecule_train import FORMS_CACHE
+
+    out = tmp_path / "mix"
+    args = ["--epochs", "2", "--randomize", "2", "--given-share", "0.5", "--lr", "3e-3", "--warmup-steps", "3", *TINY]
+    r = runner.invoke(app, ["pretrain-molecules", str(nci_file), "-o", str(out), *args])
+    assert r.exit_code == 0, r.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["given_share"] == 0.5 and run["status"] == "finished"
+    assert load_chem_model(out).info["training_data"]["random_forms"]["given_share"] == 0.5
+    # The encoded training forms hold about half given SMILES: compare with the given ones, encoded.
+    tok = load_chem_model(out).tokenizer
+    blob = torch.load(out / FORMS_CACHE, weights_only=True)
+    given = [line for line in nci_file.read_text().split()]
+    ids, lens = tok.encode_batch(given, max_len=100)
+    given_ids = {tuple(row[:n].tolist()) for row, n in zip(ids, lens.tolist())}
+    for forms, lengths in zip(blob["train_tokens"], blob["train_lengths"]):
+        same = sum(tuple(t[:n].tolist()) in given_ids for t, n in zip(forms, lengths.tolist()))
+        assert 0.35 < same / len(forms) < 0.75, same
+    # The share is part of the run: resuming with another one is a clear error, as is a share without forms.
+    r = runner.invoke(app, ["pretrain-molecules", "-o", str(out), "--resume", "--randomize", "2", "--given-share", "0.2"])
+    assert r.exit_code == 1 and "--given-share" in r.output
+    r = runner.invoke(app, ["pretrain-molecules", str(nci_file), "-o", str(tmp_path / "x"), "--given-share", "0.5", *TINY])
+    assert r.exit_code == 1 and "needs --randomize" in r.output
+    r = runner.invoke(app, ["pretrain-molecules", str(nci_file), "-o", str(tmp_path / "y"), "--randomize", "2",
+                            "--given-share", "1", *TINY])
+    assert r.exit_code == 1 and "--given-share must be in [0, 1)" in r.output
 
 
 def test_trainer_cycles_through_the_forms_one_per_epoch(tmp_path):

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from rdkit import Chem, RDLogger
 
 from seqssm.chem.tokenizer import SmilesTokenizer, split_smiles
@@ -350,6 +351,24 @@ class _RandomizeChunk:
                 seen.update(tokens)
             rows.append(forms)
         return rows, n_given, seen
+
+
+def mix_given(smiles: list[str], forms: list[list[str]], share: float, *, seed: int) -> list[list[str]]:
+    """`forms` (``forms[j][i]``: the j-th random form of molecule i) with each molecule's given SMILES
+    put back in place of a form with probability `share`, drawn independently per molecule and form
+    (seeded). Training on the mixture keeps most of what random forms do against memorisation while
+    the model still learns to write the given (typically canonical) form, which it writes validly
+    more often."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    rng = np.random.default_rng([seed, 11])
+    out = []
+    for column in forms:
+        if len(column) != len(smiles):
+            raise ValueError(f"a form column has {len(column)} entries for {len(smiles)} molecules")
+        keep = rng.random(len(smiles)) < share
+        out.append([s if k else f for s, f, k in zip(smiles, column, keep)])
+    return out
 
 
 def randomized_smiles(smiles: list[str], k: int, *, seed: int, max_tokens: int, allowed: frozenset | None = None,
