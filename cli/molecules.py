@@ -103,10 +103,19 @@ def finetune_molecules(
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout while fine-tuning (default: the model's)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum passes over the actives. Default 100."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Molecules per step. Default 32."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW, constant). Default 1e-4."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW). Default 1e-4."),
+    ssm_lr: Optional[float] = typer.Option(None, "--ssm-lr", help="Cap on the learning rate of the S4 kernel parameters (A, B, C, dt), which large steps disturb. Default 1e-4."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="constant (default) or cosine (after the warm-up, down to --min-lr): cosine suits continuing on a large set."),
+    min_lr: Optional[float] = typer.Option(None, "--min-lr", help="End of the cosine decay. Default 1e-4."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps. Default 0."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay on matrices. Default 0.01."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps. Default: each epoch."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping: epochs without a better validation loss. Default 5."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of split and batch order. Default 0."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    n_jobs: int = typer.Option(1, "--n-jobs", help="Processes for the RDKit checks of big SMILES sets."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop cleanly (checkpoint saved) before this many minutes."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (GPU)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT."),
     force: bool = typer.Option(False, "--force", help="Delete the run in OUTPUT and start over."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, log lines or summary."),
@@ -120,8 +129,9 @@ def finetune_molecules(
     _train("finetune-molecules", smiles, output, model=model or DEFAULT_MODEL, valid_file=valid_file,
            valid_fraction=valid_fraction, column=column, canonicalize=canonicalize, randomize=randomize, given_share=given_share, dropout=dropout,
            epochs=epochs,
-           batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device, resume=resume, force=force,
-           quiet=quiet)
+           batch_size=batch_size, lr=lr, ssm_lr=ssm_lr, schedule=schedule, min_lr=min_lr, warmup_steps=warmup_steps,
+           weight_decay=weight_decay, eval_every=eval_every, patience=patience, seed=seed, device=device,
+           n_jobs=n_jobs, max_minutes=max_minutes, compile=compile, resume=resume, force=force, quiet=quiet)
 
 
 @app.command("generate-molecules")

@@ -219,6 +219,20 @@ def test_finetune_with_random_forms_keeps_the_vocabulary(tmp_path, nci_file):
     assert ft.tokenizer.tokens == load_chem_model(base).tokenizer.tokens
     assert ft.info["training_data"]["random_forms"]["per_molecule"] == 4
 
+    # A second stage on a large set, as the bundled model's recipe runs it: cosine schedule, warm-up,
+    # kernel learning-rate cap and the given SMILES mixed into the forms, all from the command line.
+    out2 = tmp_path / "ft2"
+    r = runner.invoke(app, ["finetune-molecules", str(actives), "-o", str(out2), "--model", str(base), "--epochs", "2",
+                            "--randomize", "2", "--given-share", "0.5", "--lr", "5e-4", "--ssm-lr", "5e-4",
+                            "--schedule", "cosine", "--min-lr", "1e-5", "--warmup-steps", "2", "--weight-decay", "0.02",
+                            "--eval-every", "3", "--batch-size", "16", "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    run = json.loads((out2 / "run.json").read_text())
+    tc = run["train_config"]
+    assert (tc["lr"], tc["ssm_lr"], tc["schedule"], tc["min_lr"], tc["warmup_steps"], tc["weight_decay"],
+            tc["eval_every"]) == (5e-4, 5e-4, "cosine", 1e-5, 2, 0.02, 3)
+    assert run["given_share"] == 0.5
+
 
 def test_an_error_in_a_worker_process_reaches_the_caller():
     from seqssm.errors import InputError
