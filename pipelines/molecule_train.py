@@ -385,9 +385,10 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
         # run reads them back from FORMS_CACHE); pretraining adds their tokens to the vocabulary.
         forms = cached = None
         if opts.randomize:
-            cache_key = {"fingerprint": fingerprint, "randomize": opts.randomize, "given_share": opts.given_share or 0.0,
-                         "seed": cfg.seed, "max_len": max_len,
+            cache_key = {"fingerprint": fingerprint, "randomize": opts.randomize, "seed": cfg.seed, "max_len": max_len,
                          "train_molecules": len(train_smiles), "valid_molecules": len(valid_smiles)}
+            if opts.given_share:  # only then: caches of runs without a share stay valid
+                cache_key["given_share"] = opts.given_share
             if saved is not None:
                 cached = dist.on_main(lambda: _load_forms(out, {**cache_key, "vocabulary": saved["vocabulary"]}))
             if cached is not None:
