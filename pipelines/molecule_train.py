@@ -182,8 +182,8 @@ def _read_sets(opts: MoleculeTrainOptions, tokenizer, max_len: int, seed: int, d
 def _random_forms(opts: MoleculeTrainOptions, train: list, valid: list, tokenizer, max_len: int, seed: int,
                   data: dict, display) -> tuple[list[list[str]], list[str], set]:
     """(opts.randomize random forms of every training molecule, one form of every validation
-    molecule, their tokens). Validation uses a random form too, so its loss measures what training
-    optimises. Forms are never longer than the longest given SMILES (batches stay as narrow) and,
+    molecule, their tokens). Validation uses a random form too (with --given-share, the same mixture
+    as training), so its loss measures what training optimises. Forms are never longer than the longest given SMILES (batches stay as narrow) and,
     when fine-tuning, use only the model's tokens; a molecule without such a form keeps its SMILES."""
     from seqssm.chem.data import mix_given, randomized_smiles
     from seqssm.chem.tokenizer import split_smiles
@@ -196,7 +196,7 @@ def _random_forms(opts: MoleculeTrainOptions, train: list, valid: list, tokenize
     va = randomized_smiles(valid, 1, seed=seed + 1, **kw)
     share = opts.given_share or 0.0
     train_forms, valid_form = tr.forms, va.forms[0]
-    if share:  # validation mixes the same way, so its loss still measures what training optimises
+    if share:
         train_forms = mix_given(train, tr.forms, share, seed=seed)
         valid_form = mix_given(valid, va.forms, share, seed=seed + 1)[0]
     data["random_forms"] = {"per_molecule": opts.randomize, "given_kept": tr.n_given + va.n_given,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqssm.ops.hyena_fused import use_triton, fft_epilogue, packed_spectral_product_
+from seqssm.ops.hyena_fused import fft_epilogue, packed_spectral_product_, use_triton
 
 
 def _check(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor) -> int:
