@@ -77,15 +77,19 @@ def random_seqs(lengths, seed: int) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_a_padded_batch_equals_each_example_alone(variant):
-    seqs = random_seqs([37, 5, 64, 1, 20, 63], seed=hash(variant) % 1000)
+    # A fixed seed per variant (str hash() changes from process to process).
+    seqs = random_seqs([37, 5, 64, 1, 20, 63], seed=list(VARIANTS).index(variant))
     for pooling in ("mean", "last", "both"):
         model = tiny_classifier(variant, pooling, seed=3)
         with torch.no_grad():
             together = model(*batch_examples(seqs))
             alone = torch.cat([model(*batch_examples([s])) for s in seqs])
             padded = torch.cat([model(*batch_examples([s], pad_to=80)) for s in seqs])
-        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6, msg=f"{variant}, {pooling}")
-        torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-6, msg=f"{variant}, {pooling}")
+        # float32 to 1e-5 of the outputs' scale: batched and single products round differently, so an
+        # output near zero may differ by ~1e-6 absolutely; reading the padding would differ by O(1).
+        atol = 1e-5 * float(alone.abs().max())
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=atol, msg=f"{variant}, {pooling}")
+        torch.testing.assert_close(padded, alone, rtol=1e-5, atol=atol, msg=f"{variant}, {pooling}")
 
 
 @pytest.mark.parametrize("variant", ["ph", "ps"])
