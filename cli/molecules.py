@@ -66,6 +66,7 @@ def pretrain_molecules(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay on matrices. Default 0.01."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps. Default: each epoch."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N validations without improvement (0: never). Default 0."),
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Newest checkpoints kept in OUTPUT/checkpoints (each can be sampled with --model). Default 1."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initialisation, split and batch order. Default 0."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
     n_jobs: int = typer.Option(1, "--n-jobs", help="Processes for the RDKit checks of big SMILES sets."),
@@ -84,7 +85,7 @@ def pretrain_molecules(
     _train("pretrain-molecules", smiles, output, valid_file=valid_file, valid_fraction=valid_fraction, column=column,
            max_len=max_len, canonicalize=canonicalize, randomize=randomize, given_share=given_share, d_model=d_model, n_blocks=n_blocks, d_state=d_state,
            dropout=dropout, kernel=kernel, epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr,
-           warmup_steps=warmup_steps, weight_decay=weight_decay, eval_every=eval_every, patience=patience, seed=seed,
+           warmup_steps=warmup_steps, weight_decay=weight_decay, eval_every=eval_every, patience=patience, keep_checkpoints=keep_checkpoints, seed=seed,
            device=device, n_jobs=n_jobs, resume=resume, force=force, max_minutes=max_minutes,
            max_steps_this_run=max_steps_this_run, compile=compile, quiet=quiet)
 
@@ -111,6 +112,7 @@ def finetune_molecules(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay on matrices. Default 0.01."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps. Default: each epoch."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping: epochs without a better validation loss. Default 5."),
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Newest checkpoints kept in OUTPUT/checkpoints (each can be sampled with --model). Default 1."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of split and batch order. Default 0."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     n_jobs: int = typer.Option(1, "--n-jobs", help="Processes for the RDKit checks of big SMILES sets."),
@@ -130,7 +132,7 @@ def finetune_molecules(
            valid_fraction=valid_fraction, column=column, canonicalize=canonicalize, randomize=randomize, given_share=given_share, dropout=dropout,
            epochs=epochs,
            batch_size=batch_size, lr=lr, ssm_lr=ssm_lr, schedule=schedule, min_lr=min_lr, warmup_steps=warmup_steps,
-           weight_decay=weight_decay, eval_every=eval_every, patience=patience, seed=seed, device=device,
+           weight_decay=weight_decay, eval_every=eval_every, patience=patience, keep_checkpoints=keep_checkpoints, seed=seed, device=device,
            n_jobs=n_jobs, max_minutes=max_minutes, compile=compile, resume=resume, force=force, quiet=quiet)
 
 

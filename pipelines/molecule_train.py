@@ -42,7 +42,7 @@ PRETRAIN_DEFAULTS = MolTrainConfig(epochs=10, batch_size=512, lr=1e-3, min_lr=1e
 FINETUNE_DEFAULTS = MolTrainConfig(epochs=100, batch_size=32, lr=1e-4, min_lr=1e-4, ssm_lr=1e-4,
                                    schedule="constant", warmup_steps=0, patience=5)
 # Settings a resumed run may change.
-_MUTABLE = {"epochs", "eval_every", "save_every", "patience", "eval_batch_size", "log_every"}
+_MUTABLE = {"epochs", "eval_every", "save_every", "patience", "eval_batch_size", "log_every", "keep_checkpoints"}
 
 
 @dataclass
@@ -77,6 +77,7 @@ class MoleculeTrainOptions:
     eval_every: int | None = None
     save_every: int | None = None
     patience: int | None = None
+    keep_checkpoints: int | None = None
     seed: int | None = None
     device: str = "auto"
     n_jobs: int = 1

@@ -225,13 +225,20 @@ def test_finetune_with_random_forms_keeps_the_vocabulary(tmp_path, nci_file):
     r = runner.invoke(app, ["finetune-molecules", str(actives), "-o", str(out2), "--model", str(base), "--epochs", "2",
                             "--randomize", "2", "--given-share", "0.5", "--lr", "5e-4", "--ssm-lr", "5e-4",
                             "--schedule", "cosine", "--min-lr", "1e-5", "--warmup-steps", "2", "--weight-decay", "0.02",
-                            "--eval-every", "3", "--batch-size", "16", "--device", "cpu", "-q"])
+                            "--eval-every", "3", "--keep-checkpoints", "3", "--batch-size", "16", "--device", "cpu", "-q"])
     assert r.exit_code == 0, r.output
     run = json.loads((out2 / "run.json").read_text())
     tc = run["train_config"]
     assert (tc["lr"], tc["ssm_lr"], tc["schedule"], tc["min_lr"], tc["warmup_steps"], tc["weight_decay"],
-            tc["eval_every"]) == (5e-4, 5e-4, "cosine", 1e-5, 2, 0.02, 3)
+            tc["eval_every"], tc["keep_checkpoints"]) == (5e-4, 5e-4, "cosine", 1e-5, 2, 0.02, 3, 3)
     assert run["given_share"] == 0.5
+    # --keep-checkpoints: the three newest step checkpoints survive (the default run kept one), and
+    # each is a model directory that loads.
+    steps = sorted(int(d.name.split("-")[1]) for d in (out2 / "checkpoints").glob("step-*"))
+    assert steps == [steps[-1] - 6, steps[-1] - 3, steps[-1]] and steps[-1] >= 9, steps
+    assert len(list((out / "checkpoints").glob("step-*"))) == 1
+    for st in steps:
+        assert load_chem_model(out2 / "checkpoints" / f"step-{st:08d}").tokenizer.tokens == ft.tokenizer.tokens
 
 
 def test_an_error_in_a_worker_process_reaches_the_caller():

@@ -77,6 +77,7 @@ class MolTrainConfig:
     patience: int = 0  # evaluations without a better validation loss before stopping; 0 = never
     eval_batch_size: int = 0  # 0 = batch_size
     log_every: int = 50
+    keep_checkpoints: int = 1  # newest step-* checkpoints kept (best/ is kept apart)
     seed: int = 0
 
     def validate(self) -> None:
@@ -88,6 +89,8 @@ class MolTrainConfig:
             raise SeqssmError("learning rates must be positive (--min-lr may be 0)")
         if self.schedule not in ("cosine", "constant"):
             raise SeqssmError(f"--schedule must be cosine or constant, not {self.schedule!r}")
+        if self.keep_checkpoints < 1:
+            raise SeqssmError(f"--keep-checkpoints must be at least 1, not {self.keep_checkpoints}")
         if self.patience < 0 or self.eval_every < 0 or self.save_every < 0 or self.warmup_steps < 0:
             raise SeqssmError("--patience, --eval-every, --save-every and --warmup-steps must be >= 0")
 
@@ -364,7 +367,7 @@ class MoleculeTrainer:
         if self.dist.is_main:
             path = write_checkpoint(self.run_dir / "checkpoints", f"step-{self.p.step:08d}",
                                     lambda tmp: self.save_model(self.model, tmp, info), self.optimizer, self.state(),
-                                    rng_ranks=rng_ranks)
+                                    keep=self.cfg.keep_checkpoints, rng_ranks=rng_ranks)
         self.dist.barrier()
         self._save_seconds = time.monotonic() - t0
         self._checkpoint_step = self.p.step
