@@ -140,6 +140,9 @@ def test_pretrain_with_given_share_trains_on_the_mixture(tmp_path, nci_file):
     r = runner.invoke(app, ["pretrain-molecules", str(nci_file), "-o", str(tmp_path / "y"), "--randomize", "2",
                             "--given-share", "1", *TINY])
     assert r.exit_code == 1 and "--given-share must be in [0, 1)" in r.output
+    r = runner.invoke(app, ["pretrain-molecules", str(nci_file), "-o", str(tmp_path / "z"), "--keep-checkpoints", "0", *TINY])
+    assert r.exit_code == 1 and "--keep-checkpoints must be at least 1" in r.output
+    assert not (tmp_path / "z" / "checkpoints").exists()
 
 
 def test_trainer_cycles_through_the_forms_one_per_epoch(tmp_path):
