@@ -13,6 +13,10 @@ from seqssm.cli.main import app, run_guarded, stderr
 from seqssm.distributed import is_main_process
 
 _MODEL_HELP = "Chemical LM: bundled name (default s4-chem-moses) or a model directory."
+# Options the two training commands share, defined once.
+_RANDOMIZE = typer.Option(None, "--randomize", help="Train on K random SMILES of each molecule (RDKit, seeded), a new one each epoch (cycled); 0: off. Default off.")
+_GIVEN_SHARE = typer.Option(None, "--given-share", help="With --randomize: each molecule keeps its given SMILES instead of the epoch's random form with this probability (seeded; validation mixed alike). Default 0.")
+_KEEP_CHECKPOINTS = typer.Option(None, "--keep-checkpoints", help="Newest checkpoints kept in OUTPUT/checkpoints (each can be sampled with --model). Default 1.")
 
 
 def _train(kind: str, smiles, output, **kw):
@@ -51,8 +55,8 @@ def pretrain_molecules(
     column: Optional[str] = typer.Option(None, "--column", help="CSV column holding the SMILES (default: SMILES/smiles, else the first)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Maximum tokens per molecule with begin/end. Default 100; longer SMILES are skipped."),
     canonicalize: bool = typer.Option(False, "--canonicalize", help="Train on RDKit canonical SMILES."),
-    randomize: Optional[int] = typer.Option(None, "--randomize", help="Train on K random SMILES of each molecule (RDKit, seeded), a new one each epoch (cycled); 0: off. Default off."),
-    given_share: Optional[float] = typer.Option(None, "--given-share", help="With --randomize: each molecule keeps its given SMILES instead of the epoch's random form with this probability (seeded; validation mixed alike). Default 0."),
+    randomize: Optional[int] = _RANDOMIZE,
+    given_share: Optional[float] = _GIVEN_SHARE,
     d_model: Optional[int] = typer.Option(None, "--d-model", help="Model width. Default 256."),
     n_blocks: Optional[int] = typer.Option(None, "--n-blocks", help="Blocks of [S4, S4, feed-forward]. Default 4."),
     d_state: Optional[int] = typer.Option(None, "--d-state", help="S4 state size N. Default 64."),
@@ -66,7 +70,7 @@ def pretrain_molecules(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay on matrices. Default 0.01."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps. Default: each epoch."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N validations without improvement (0: never). Default 0."),
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Newest checkpoints kept in OUTPUT/checkpoints (each can be sampled with --model). Default 1."),
+    keep_checkpoints: Optional[int] = _KEEP_CHECKPOINTS,
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initialisation, split and batch order. Default 0."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
     n_jobs: int = typer.Option(1, "--n-jobs", help="Processes for the RDKit checks of big SMILES sets."),
@@ -99,8 +103,8 @@ def finetune_molecules(
     valid_fraction: Optional[float] = typer.Option(None, "--valid-fraction", help="Random share held out for validation. Default 0.1."),
     column: Optional[str] = typer.Option(None, "--column", help="CSV column holding the SMILES."),
     canonicalize: bool = typer.Option(False, "--canonicalize", help="Train on RDKit canonical SMILES."),
-    randomize: Optional[int] = typer.Option(None, "--randomize", help="Train on K random SMILES of each molecule (RDKit, seeded), a new one each epoch (cycled); 0: off. Default off."),
-    given_share: Optional[float] = typer.Option(None, "--given-share", help="With --randomize: each molecule keeps its given SMILES instead of the epoch's random form with this probability (seeded; validation mixed alike). Default 0."),
+    randomize: Optional[int] = _RANDOMIZE,
+    given_share: Optional[float] = _GIVEN_SHARE,
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout while fine-tuning (default: the model's)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum passes over the actives. Default 100."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Molecules per step. Default 32."),
@@ -112,7 +116,7 @@ def finetune_molecules(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay on matrices. Default 0.01."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps. Default: each epoch."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping: epochs without a better validation loss. Default 5."),
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Newest checkpoints kept in OUTPUT/checkpoints (each can be sampled with --model). Default 1."),
+    keep_checkpoints: Optional[int] = _KEEP_CHECKPOINTS,
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of split and batch order. Default 0."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     n_jobs: int = typer.Option(1, "--n-jobs", help="Processes for the RDKit checks of big SMILES sets."),
