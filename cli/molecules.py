@@ -16,6 +16,7 @@ _MODEL_HELP = "Chemical LM: bundled name (default s4-chem-moses) or a model dire
 # Options the two training commands share, defined once.
 _RANDOMIZE = typer.Option(None, "--randomize", help="Train on K random SMILES of each molecule (RDKit, seeded), a new one each epoch (cycled); 0: off. Default off.")
 _GIVEN_SHARE = typer.Option(None, "--given-share", help="With --randomize: each molecule keeps its given SMILES instead of the epoch's random form with this probability (seeded; validation mixed alike). Default 0.")
+_SPLIT_SEED = typer.Option(None, "--split-seed", help="Seed of the validation hold-out alone (default: --seed), so a run with a new --seed can keep an earlier run's split.")
 _KEEP_CHECKPOINTS = typer.Option(None, "--keep-checkpoints", help="Newest checkpoints kept in OUTPUT/checkpoints (each can be sampled with --model). Default 1.")
 
 
@@ -71,7 +72,8 @@ def pretrain_molecules(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps. Default: each epoch."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N validations without improvement (0: never). Default 0."),
     keep_checkpoints: Optional[int] = _KEEP_CHECKPOINTS,
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initialisation, split and batch order. Default 0."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initialisation, split, random forms and batch order. Default 0."),
+    split_seed: Optional[int] = _SPLIT_SEED,
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu, cuda, cuda:N."),
     n_jobs: int = typer.Option(1, "--n-jobs", help="Processes for the RDKit checks of big SMILES sets."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its latest checkpoint."),
@@ -89,7 +91,7 @@ def pretrain_molecules(
     _train("pretrain-molecules", smiles, output, valid_file=valid_file, valid_fraction=valid_fraction, column=column,
            max_len=max_len, canonicalize=canonicalize, randomize=randomize, given_share=given_share, d_model=d_model, n_blocks=n_blocks, d_state=d_state,
            dropout=dropout, kernel=kernel, epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr,
-           warmup_steps=warmup_steps, weight_decay=weight_decay, eval_every=eval_every, patience=patience, keep_checkpoints=keep_checkpoints, seed=seed,
+           warmup_steps=warmup_steps, weight_decay=weight_decay, eval_every=eval_every, patience=patience, keep_checkpoints=keep_checkpoints, seed=seed, split_seed=split_seed,
            device=device, n_jobs=n_jobs, resume=resume, force=force, max_minutes=max_minutes,
            max_steps_this_run=max_steps_this_run, compile=compile, quiet=quiet)
 
@@ -117,7 +119,8 @@ def finetune_molecules(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps. Default: each epoch."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping: epochs without a better validation loss. Default 5."),
     keep_checkpoints: Optional[int] = _KEEP_CHECKPOINTS,
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of split and batch order. Default 0."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of split, random forms and batch order. Default 0."),
+    split_seed: Optional[int] = _SPLIT_SEED,
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     n_jobs: int = typer.Option(1, "--n-jobs", help="Processes for the RDKit checks of big SMILES sets."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop cleanly (checkpoint saved) before this many minutes."),
@@ -136,7 +139,7 @@ def finetune_molecules(
            valid_fraction=valid_fraction, column=column, canonicalize=canonicalize, randomize=randomize, given_share=given_share, dropout=dropout,
            epochs=epochs,
            batch_size=batch_size, lr=lr, ssm_lr=ssm_lr, schedule=schedule, min_lr=min_lr, warmup_steps=warmup_steps,
-           weight_decay=weight_decay, eval_every=eval_every, patience=patience, keep_checkpoints=keep_checkpoints, seed=seed, device=device,
+           weight_decay=weight_decay, eval_every=eval_every, patience=patience, keep_checkpoints=keep_checkpoints, seed=seed, split_seed=split_seed, device=device,
            n_jobs=n_jobs, max_minutes=max_minutes, compile=compile, resume=resume, force=force, quiet=quiet)
 
 

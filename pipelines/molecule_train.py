@@ -79,6 +79,7 @@ class MoleculeTrainOptions:
     patience: int | None = None
     keep_checkpoints: int | None = None
     seed: int | None = None
+    split_seed: int | None = None
     device: str = "auto"
     n_jobs: int = 1
     resume: bool = False
@@ -377,7 +378,8 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
             if saved is not None and fingerprint != saved["fingerprint"]:
                 raise SeqssmError(f"cannot resume: the SMILES files differ from the run's "
                                   f"({saved['fingerprint'][0]['path']} ...)")
-            return fingerprint, *_read_sets(opts, tokenizer, max_len, cfg.seed, display)
+            split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+            return fingerprint, *_read_sets(opts, tokenizer, max_len, split_seed, display)
 
         # Rank 0 reads and checks the SMILES (RDKit is the slow part) and hands the sets to the others.
         fingerprint, train_smiles, valid_smiles, data = dist.on_main(read)
@@ -390,6 +392,8 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
                          "train_molecules": len(train_smiles), "valid_molecules": len(valid_smiles)}
             if opts.given_share:  # only then: caches of runs without a share stay valid
                 cache_key["given_share"] = opts.given_share
+            if cfg.split_seed is not None:  # likewise
+                cache_key["split_seed"] = cfg.split_seed
             if saved is not None:
                 cached = dist.on_main(lambda: _load_forms(out, {**cache_key, "vocabulary": saved["vocabulary"]}))
             if cached is not None:

@@ -252,3 +252,27 @@ def test_an_error_in_a_worker_process_reaches_the_caller():
     assert any(not set(split_smiles(s)) <= set(tok.tokens) for s in smiles)  # some SMILES cannot be encoded
     with pytest.raises(InputError, match="not in the vocabulary"):
         encode_set(tok, smiles, 100, n_jobs=2)
+
+
+def test_split_seed_keeps_the_validation_molecules_when_the_seed_changes(tmp_path, nci_file):
+    """A continuation with a new --seed (new random forms, new batch order) must be able to keep
+    the earlier run's hold-out, or its validation molecules would have been trained on."""
+    from seqssm.chem.model_dir import load_chem_model
+    from seqssm.pipelines.molecule_train import FORMS_CACHE
+
+    def held_out(name, *seeds):
+        out = tmp_path / name
+        r = runner.invoke(app, ["pretrain-molecules", str(nci_file), "-o", str(out), "--randomize", "1",
+                                "--max-steps-this-run", "1", *TINY, *seeds])
+        assert r.exit_code == 0, r.output
+        blob = torch.load(out / FORMS_CACHE, weights_only=True)
+        tok = load_chem_model(out / "checkpoints" / "step-00000001").tokenizer
+        forms = tok.decode_batch(blob["valid_tokens"])
+        return forms, {canonical(f) for f in forms}
+
+    forms0, mols0 = held_out("s0")
+    forms_kept, mols_kept = held_out("s1-kept", "--seed", "1", "--split-seed", "0")
+    forms1, mols1 = held_out("s1", "--seed", "1")
+    assert mols_kept == mols0 and forms_kept != forms0  # same molecules, newly drawn forms
+    assert mols1 != mols0
+    assert None not in mols0 and len(mols0) == len(forms0)

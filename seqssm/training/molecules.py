@@ -79,6 +79,7 @@ class MolTrainConfig:
     log_every: int = 50
     keep_checkpoints: int = 1  # newest step-* checkpoints kept (best/ is kept apart)
     seed: int = 0
+    split_seed: int | None = None  # seed of the validation hold-out; None = seed (so --seed alone changes both)
 
     def validate(self) -> None:
         if self.epochs < 1:
