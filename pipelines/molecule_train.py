@@ -319,6 +319,11 @@ def _run_molecule_training(opts: MoleculeTrainOptions, console, dist: Dist) -> M
     console = console or Console(stderr=True)
     out = Path(opts.output).expanduser()
     check_run_budget(opts.max_minutes, opts.max_steps_this_run)
+    if opts.valid_file is not None:  # they choose a random hold-out; a validation file leaves none to choose
+        given = [f"--{n.replace('_', '-')}" for n in ("valid_fraction", "split_seed") if getattr(opts, n) is not None]
+        if given:
+            raise SeqssmError(f"{' and '.join(given)}: there is no random hold-out to choose when --valid-file gives "
+                              "the validation SMILES")
     finetune = opts.kind == "finetune-molecules"
     main = dist.is_main
     saved = dist.on_main(lambda: prepare_run_dir(

@@ -276,3 +276,7 @@ def test_split_seed_keeps_the_validation_molecules_when_the_seed_changes(tmp_pat
     assert mols_kept == mols0 and forms_kept != forms0  # same molecules, newly drawn forms
     assert mols1 != mols0
     assert None not in mols0 and len(mols0) == len(forms0)
+    r = runner.invoke(app, ["pretrain-molecules", str(nci_file), "-o", str(tmp_path / "vf"), "--valid-file", str(nci_file),
+                            "--split-seed", "3", *TINY])
+    assert r.exit_code == 1 and "--split-seed: there is no random hold-out to choose" in r.output
+    assert not (tmp_path / "vf").exists()  # refused before anything is written
