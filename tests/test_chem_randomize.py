@@ -272,7 +272,7 @@ def test_split_seed_keeps_the_validation_molecules_when_the_seed_changes(tmp_pat
 
     forms0, mols0 = held_out("s0")
     forms_kept, mols_kept = held_out("s1-kept", "--seed", "1", "--split-seed", "0")
-    forms1, mols1 = held_out("s1", "--seed", "1")
+    _, mols1 = held_out("s1", "--seed", "1")
     assert mols_kept == mols0 and forms_kept != forms0  # same molecules, newly drawn forms
     assert mols1 != mols0
     assert None not in mols0 and len(mols0) == len(forms0)
