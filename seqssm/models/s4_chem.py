@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from seqssm.errors import InputError, SeqssmError
 from seqssm.layers.s4 import S4Layer
+from seqssm.models.int8 import QUANTIZATION, dequantize_state, quantize_state
 
 MODEL_TYPE = "s4-chem"
 CONFIG_FILE, WEIGHTS_FILE, INFO_FILE = "config.json", "model.safetensors", "info.json"
@@ -229,8 +230,12 @@ class S4ChemLM(nn.Module):
 
     # -- files ----------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory, *, tokenizer=None, info: dict | None = None) -> None:
+    def save_pretrained(self, directory, *, tokenizer=None, info: dict | None = None, int8: bool = False) -> None:
         """Write config.json, model.safetensors (+ vocab.json via tokenizer.save, info.json).
+
+        int8: store the weight matrices rounded to int8 with a scale per row (seqssm.models.int8),
+        half the size of float16; from_pretrained dequantises them. Check the model's quality
+        after rounding: this is lossy.
 
         Written into a temporary directory beside `directory`, which then replaces it: a reader
         sees the old model or the new one, and an interrupted save leaves the old one in place.
@@ -245,7 +250,11 @@ class S4ChemLM(nn.Module):
         try:
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "model_type": MODEL_TYPE})
+            metadata = {"format": "pt", "model_type": MODEL_TYPE}
+            if int8:
+                tensors = quantize_state(tensors)
+                metadata["quantization"] = QUANTIZATION
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
             if tokenizer is not None:
                 tokenizer.save(tmp)
             if info is not None:
@@ -300,6 +309,10 @@ class S4ChemLM(nn.Module):
             tensors = load_file(str(weights), device=str(map_location))
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise InputError(weights, f"unreadable weights ({e})") from None
+        try:
+            tensors = dequantize_state(tensors)
+        except ValueError as e:
+            raise InputError(weights, str(e)) from None
         model = cls(cfg)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(tensors))
