@@ -2,7 +2,7 @@
 
 Storage compression only. Weights are dequantised once, when a model is loaded, and the model
 then computes in float32 (or whatever it is moved to). It halves a float16 file: the bundled
-d_model 512 chemical LM is 13 MB instead of 26 MB. Its MOSES metrics were measured on the
+d_model 512 chemical LM is 14 MB instead of 26 MB. Its MOSES metrics were measured on the
 rounded weights (docs/BENCHMARKS.md), since rounding is not free in general.
 
 In model.safetensors a rounded tensor `name` is stored as int8 under `name` and its scales,
