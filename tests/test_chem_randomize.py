@@ -280,3 +280,35 @@ def test_split_seed_keeps_the_validation_molecules_when_the_seed_changes(tmp_pat
                             "--split-seed", "3", *TINY])
     assert r.exit_code == 1 and "--split-seed: there is no random hold-out to choose" in r.output
     assert not (tmp_path / "vf").exists()  # refused before anything is written
+
+
+def test_make_self_mix_writes_samples_and_random_forms_of_shuffled_training_molecules(tmp_path, monkeypatch):
+    """benchmarks/make_self_mix.py (the bundled model's last-stage data): the samples as written, one
+    random form each of n training molecules, shuffled together; the same file whatever --n-jobs."""
+    import importlib
+
+    # imported by name, so that its worker processes can unpickle its function
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    mod = importlib.import_module("make_self_mix")
+    molecules = nci_smiles(120)
+    samples, train = molecules[:40], molecules[40:]
+    (tmp_path / "self.csv").write_text("smiles,valid\n" + "".join(f"{s},True\n" for s in samples))
+    (tmp_path / "train.smi").write_text("\n".join(train) + "\n")
+    outs = []
+    for jobs in (1, 2):
+        out = tmp_path / f"mix{jobs}.csv"
+        mod.main([str(tmp_path / "self.csv"), str(tmp_path / "train.smi"), str(out), "--n-train", "30",
+                  "--n-jobs", str(jobs)])
+        outs.append(out.read_text())
+    assert outs[0] == outs[1]
+    lines = outs[0].splitlines()
+    assert lines[0] == "smiles" and len(lines) == 1 + 40 + 30
+    rows = lines[1:]
+    forms = [r for r in rows if r not in set(samples)]
+    assert sorted(set(rows) & set(samples)) == sorted(samples)  # every sample, in its own spelling
+    assert len(forms) == 30
+    train_canonical = {canonical(s) for s in train}
+    assert {canonical(f) for f in forms} <= train_canonical
+    assert len({canonical(f) for f in forms}) == 30  # 30 different molecules, not one drawn twice
+    assert sum(f not in set(train) for f in forms) >= 20  # random spellings, mostly not the given ones
+    assert rows[:40] != samples  # shuffled together
