@@ -244,6 +244,21 @@ def test_lean_forward_cuda(dtype):
     assert rel(got, want) <= (1e-4 if dtype is torch.float32 else 1e-2), f"seed {seed}"
 
 
+@pytest.mark.gpu
+def test_compiled_model_runs_the_lean_path_eagerly_cuda():
+    """torch.compile of a model in eval mode (as `seqssm pretrain --compile` evaluates it): the lean
+    path is left out of the graph, so its Triton kernels run as they are, with the lean results."""
+    torch._dynamo.reset()
+    g, seed = fresh_generator()
+    model = model_for(seed % 1000, d_model=64, n_layer=2, d_inner=256, max_seq_len=1 << 13).cuda()
+    x = torch.randint(7, 12, (2, (1 << 13) - 5), generator=g).cuda()
+    want = reference(model, x)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        got = compiled(x)
+    assert rel(got, want) <= 1e-4, f"seed {seed}"
+
+
 # ------------------------------------------------------------------------------------------------
 # fused elementwise passes: the torch twins against first principles, the Triton kernels against twins
 

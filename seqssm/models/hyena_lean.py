@@ -59,6 +59,11 @@ class LeanHyenaInference:
     def clear_cache(self) -> None:
         self._cache.clear()
 
+    # Never traced by torch.compile: the path is hand-fused already, manages its own buffers and
+    # filter cache, and dynamo cannot analyse its Triton kernels (a helper @triton.jit called from a
+    # kernel raised NameError in `seqssm pretrain --compile`'s evaluation). A compiled model gets a
+    # graph break here and runs this eagerly.
+    @torch.compiler.disable
     def __call__(self, backbone, input_ids: torch.Tensor) -> torch.Tensor:
         B, L = input_ids.shape
         device = input_ids.device
