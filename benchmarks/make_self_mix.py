@@ -17,29 +17,22 @@ from __future__ import annotations
 
 import argparse
 import random
-from multiprocessing import Pool
 
-from seqssm.chem.data import read_smiles
+from seqssm.chem.data import parallel_map, read_smiles
 
 
-def _random_form(item: tuple[int, str]) -> str | None:
+def _random_forms(chunk: list[tuple[int, str]]) -> list[str | None]:
     from rdkit import Chem, RDLogger
 
     RDLogger.DisableLog("rdApp.*")
-    i, smiles = item
-    mol = Chem.MolFromSmiles(smiles)
-    return Chem.MolToRandomSmilesVect(mol, 1, randomSeed=i + 1)[0] if mol is not None else None
+    mols = [(i, Chem.MolFromSmiles(smiles)) for i, smiles in chunk]
+    return [Chem.MolToRandomSmilesVect(m, 1, randomSeed=i + 1)[0] if m is not None else None for i, m in mols]
 
 
 def make_mix(samples: list[str], train: list[str], n_train: int, *, seed: int = 11, n_jobs: int = 1) -> list[str]:
     train = list(train)
     random.Random(seed).shuffle(train)
-    items = list(enumerate(train[:n_train]))
-    if n_jobs > 1:
-        with Pool(n_jobs) as pool:
-            forms = pool.map(_random_form, items, chunksize=2000)
-    else:
-        forms = [_random_form(x) for x in items]
+    forms = parallel_map(_random_forms, list(enumerate(train[:n_train])), n_jobs)
     rows = list(samples) + [f for f in forms if f]
     random.Random(seed + 1).shuffle(rows)
     return rows
