@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from seqssm.ops.backends import resolve_backend
+from seqssm.ops.selective_scan_triton import fits_triton_scan, selective_scan_triton, triton_scan_available
 
 
 # One chunk's [batch, dim, positions, dstate] tensors hold about this many numbers (4 MB in float32).
@@ -496,6 +497,15 @@ def _scan_with_kernel(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplu
     return (out, last) if return_last_state else out
 
 
+def _triton_suits(u, delta, A, B, C, D, z, delta_bias, initial_state) -> bool:
+    """The Triton scan can stand in for mamba-ssm's: a CUDA device, Triton, inputs it takes, and no
+    gradient to compute (it has no backward)."""
+    if not (u.is_cuda and triton_scan_available() and fits_triton_scan(u, A, B, C)):
+        return False
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
     *, initial_state=None, backend: str = "auto",
@@ -505,9 +515,14 @@ def selective_scan(
     backend "torch": selective_scan_torch; "cuda": mamba-ssm's kernel (tensors on a GPU, mamba-ssm
     installed; an initial state is added by linearity, see _scan_with_kernel; as in mamba-ssm, no
     gradient flows back from the returned last state); "auto": cuda when the tensors are on a CUDA
-    device and the kernel imports, else torch.
+    device and the kernel imports; else, on a CUDA device with no gradient needed, seqssm's own
+    Triton kernel (seqssm.ops.selective_scan_triton: inference without mamba-ssm); else torch.
     """
     which = _resolve(backend, u, _mamba_scan_kernel, "selective_scan")
+    if which == "torch" and backend == "auto" and _triton_suits(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     initial_state=initial_state)
     if which == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                     initial_state=initial_state)

@@ -1,0 +1,150 @@
+"""seqssm's Triton selective scan (inference on a GPU without mamba-ssm) against the loop reference.
+
+GPU tests (CUDA and Triton): fresh random inputs, float32 within 1e-5 and bfloat16 within 1e-2
+(relative to the output's norm), every optional input on and off, dstate not a power of two,
+lengths and channel counts that the tiles do not divide, the reverse direction, the initial and
+last states; `selective_scan` picks it only when mamba-ssm is missing and no gradient is needed;
+a Mamba block on it equals the torch backend, whole and window by window.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import seqssm.ops.selective_scan as ss
+from seqssm.layers.mamba import Mamba
+from seqssm.ops.selective_scan import selective_scan, selective_scan_ref
+from seqssm.ops.selective_scan_triton import selective_scan_triton, triton_scan_available
+
+
+def _need_gpu():
+    if not triton_scan_available():
+        pytest.skip("needs a CUDA GPU and Triton")
+
+
+def _rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
+
+
+def _inputs(Bsz, D, N, L, seed, dtype=torch.float32):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    return dict(
+        u=r(Bsz, D, L).to(dtype), delta=(0.5 * r(Bsz, D, L) - 1).to(dtype),
+        A=-torch.rand(D, N, generator=g, device="cuda") * 4 - 0.05,
+        B=r(Bsz, N, L).to(dtype), C=r(Bsz, N, L).to(dtype), D=r(D), z=r(Bsz, D, L).to(dtype),
+        delta_bias=0.1 * r(D), initial_state=r(Bsz, D, N),
+    )
+
+
+def _flip(x):
+    return None if x is None else x.flip(-1)
+
+
+SHAPES = [(2, 64, 16, 777), (1, 6, 12, 100), (3, 33, 16, 5), (1, 8, 4, 2048)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_scan_equals_the_loop_reference_fp32(shape, reverse):
+    _need_gpu()
+    x = _inputs(*shape, seed=sum(shape) + reverse)
+    got, last = selective_scan_triton(**{k: v for k, v in x.items() if k != "initial_state"}, delta_softplus=True,
+                                      return_last_state=True, initial_state=x["initial_state"], reverse=reverse)
+    if reverse:  # the recurrence from the end = the scan of the flipped inputs, flipped back
+        f = {k: (_flip(v) if k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
+        want, want_last = selective_scan_ref(**{k: v for k, v in f.items() if k != "initial_state"},
+                                             delta_softplus=True, return_last_state=True,
+                                             initial_state=f["initial_state"])
+        want = want.flip(-1)
+    else:
+        want, want_last = selective_scan_ref(**{k: v for k, v in x.items() if k != "initial_state"},
+                                             delta_softplus=True, return_last_state=True,
+                                             initial_state=x["initial_state"])
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert _rel(got, want) <= 1e-5
+    assert _rel(last, want_last) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("drop", ["D", "z", "delta_bias", "initial_state", "softplus", "all"])
+def test_triton_scan_optional_inputs(drop):
+    _need_gpu()
+    x = _inputs(2, 20, 16, 300, seed=7)
+    softplus = drop not in ("softplus", "all")
+    if drop != "softplus":
+        for k in (("D", "z", "delta_bias", "initial_state") if drop == "all" else (drop,)):
+            x[k] = None
+    if not softplus:
+        x["delta"] = x["delta"].abs() * 0.3  # a valid step size without softplus
+    h0 = x.pop("initial_state")
+    got, last = selective_scan_triton(**x, delta_softplus=softplus, return_last_state=True, initial_state=h0)
+    want, want_last = selective_scan_ref(**x, delta_softplus=softplus, return_last_state=True, initial_state=h0)
+    assert _rel(got, want) <= 1e-5 and _rel(last, want_last) <= 1e-5
+    assert selective_scan_triton(**x, delta_softplus=softplus, initial_state=h0).shape == want.shape
+
+
+@pytest.mark.gpu
+def test_triton_scan_bf16_within_1e_2_of_float32():
+    _need_gpu()
+    x = _inputs(2, 64, 16, 1500, seed=11, dtype=torch.bfloat16)
+    h0 = x.pop("initial_state")
+    got = selective_scan_triton(**x, delta_softplus=True, initial_state=h0)
+    # the float32 reference on the same (bf16-rounded) inputs
+    want = selective_scan_ref(**{k: (v.float() if v is not None else None) for k, v in x.items()},
+                              delta_softplus=True, initial_state=h0)
+    assert got.dtype == torch.bfloat16 and _rel(got, want) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_auto_backend_takes_triton_only_without_mamba_ssm_and_without_gradients(monkeypatch):
+    _need_gpu()
+    monkeypatch.setattr(ss, "_mamba_scan_kernel", lambda: None)  # as on a machine without mamba-ssm
+    calls = []
+    real = ss.selective_scan_triton
+    monkeypatch.setattr(ss, "selective_scan_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = _inputs(2, 16, 16, 200, seed=3)
+    h0 = x.pop("initial_state")
+    with torch.no_grad():
+        out = selective_scan(**x, delta_softplus=True, initial_state=h0)
+    assert calls == [1]
+    assert _rel(out, selective_scan_ref(**x, delta_softplus=True, initial_state=h0)) <= 1e-5
+    # a gradient is needed: the torch path (the kernel has no backward), and the gradient flows
+    u = x.pop("u").requires_grad_()
+    out = selective_scan(u, **x, delta_softplus=True)
+    out.sum().backward()
+    assert calls == [1] and u.grad is not None and torch.isfinite(u.grad).all()
+    with torch.no_grad():  # an explicit backend is obeyed
+        selective_scan(u, **x, delta_softplus=True, backend="torch")
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+def test_mamba_block_on_triton_equals_torch_whole_and_in_windows(monkeypatch):
+    _need_gpu()
+    monkeypatch.setattr(ss, "_mamba_scan_kernel", lambda: None)
+    torch.manual_seed(0)
+    m = Mamba(48, d_state=16).cuda().eval()
+    with torch.no_grad():
+        m.A_log.add_(0.3 * torch.randn_like(m.A_log))
+        m.dt_proj.bias.add_(0.5 * torch.randn_like(m.dt_proj.bias))
+    x = torch.randn(2, 700, 48, device="cuda")
+    with torch.no_grad():
+        whole = m(x)
+        m.backend = "torch"
+        ref = m(x)
+        m.backend = "auto"
+        a, state = m(x[:, :333], return_state=True)  # the second window starts from the carried state
+        b = m(x[:, 333:], state=state)
+    assert _rel(whole, ref) <= 1e-5
+    assert _rel(torch.cat([a, b], dim=1), whole) <= 1e-5
+
+
+def test_triton_scan_refuses_cpu_tensors():
+    x = {k: v for k, v in dict(u=torch.randn(1, 4, 8), delta=torch.rand(1, 4, 8), A=-torch.rand(4, 16),
+                               B=torch.randn(1, 16, 8), C=torch.randn(1, 16, 8)).items()}
+    with pytest.raises((RuntimeError, ValueError)):
+        selective_scan_triton(**x)
