@@ -148,3 +148,15 @@ def test_triton_scan_refuses_cpu_tensors():
                                B=torch.randn(1, 16, 8), C=torch.randn(1, 16, 8)).items()}
     with pytest.raises((RuntimeError, ValueError)):
         selective_scan_triton(**x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_channels", [1, 2, 4])
+def test_triton_scan_every_channel_block_size(block_channels):
+    _need_gpu()
+    x = _inputs(1, 10, 16, 500, seed=5)
+    h0 = x.pop("initial_state")
+    got, last = selective_scan_triton(**x, delta_softplus=True, return_last_state=True, initial_state=h0,
+                                      block_channels=block_channels)
+    want, want_last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True, initial_state=h0)
+    assert _rel(got, want) <= 1e-5 and _rel(last, want_last) <= 1e-5

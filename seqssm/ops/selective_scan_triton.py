@@ -25,9 +25,11 @@ import functools
 
 import torch
 
-# Tile sizes of the H100 sweep: 4 channels x 16 positions per program, one warp, loads for 3 tiles in flight.
+# Tile sizes of the H100 sweep: 4 channels x 16 positions per program, one warp, loads for 3 tiles in
+# flight; fewer channels per program when the grid would leave streaming multiprocessors idle.
 BLOCK_CHANNELS = 4
 BLOCK_POSITIONS = 16
+PROGRAMS_PER_SM = 4
 NUM_WARPS = 1
 NUM_STAGES = 3
 
@@ -128,15 +130,24 @@ def fits_triton_scan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch
             and B.shape[0] == u.shape[0] and C.shape[0] == u.shape[0])
 
 
+def _block_channels(batch: int, dim: int, device) -> int:
+    want = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    bd = BLOCK_CHANNELS
+    while bd > 1 and batch * -(-dim // bd) < want:
+        bd //= 2
+    return bd
+
+
 def selective_scan_triton(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-    *, initial_state=None, reverse: bool = False,
+    *, initial_state=None, reverse: bool = False, block_channels: int | None = None,
 ):
     """The selective scan in one Triton kernel; arguments and result as selective_scan_ref (no autograd).
 
     reverse=True: the recurrence runs from the last position to the first (equal to scanning the
     inputs flipped along the length and flipping the output back); the last state is then the
-    state after position 0.
+    state after position 0. block_channels: channels per program (default: 4, or 2 or 1 where batch x
+    channels is too small to give every multiprocessor several programs, e.g. batch 1).
     """
     kernel = _kernel()
     if kernel is None:
@@ -153,11 +164,12 @@ def selective_scan_triton(
     h0 = initial_state.float().contiguous() if initial_state is not None else out
     zz = z if z is not None else u
     nblk = triton.cdiv(L, BLOCK_POSITIONS)
-    grid = (triton.cdiv(dim, BLOCK_CHANNELS), batch)
+    BD = block_channels or _block_channels(batch, dim, u.device)
+    grid = (triton.cdiv(dim, BD), batch)
     kernel[grid](
         u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, h0, out, last,
         dim, N, L, nblk, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zz.stride(), *out.stride(),
-        NP=triton.next_power_of_2(N), BD=BLOCK_CHANNELS, TT=BLOCK_POSITIONS, SOFTPLUS=bool(delta_softplus),
+        NP=triton.next_power_of_2(N), BD=BD, TT=BLOCK_POSITIONS, SOFTPLUS=bool(delta_softplus),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, HAS_H0=initial_state is not None,
         STORE_LAST=bool(return_last_state), REVERSE=bool(reverse), STAGES=NUM_STAGES, num_warps=NUM_WARPS,
     )
