@@ -19,7 +19,8 @@ returns the state after it, so a chromosome can be run window by window with exa
 forward over [w1, w2] == forward(w1) then forward(w2, state=state after w1).
 
 Backends: "auto" uses the CUDA kernels of mamba-ssm / causal-conv1d when the input is on a GPU and
-they are installed (imported on first use), the PyTorch implementations in seqssm.ops otherwise.
+they are installed (imported on first use), the PyTorch implementations in seqssm.ops otherwise;
+on a GPU without mamba-ssm, inference (no gradient) scans with seqssm's Triton kernel.
 """
 
 from __future__ import annotations
