@@ -36,7 +36,8 @@ inputs and the SSM state h), and the embeddings of any window equal those of one
 whole prefix. Each window runs the parallel chunked scan started from the carried h (torch), or,
 on CUDA, mamba-ssm's kernel (which has no initial-state input) plus the exact linear correction
 C[t] . (exp(A * cumsum(delta)[t]) * h0) computed chunk by chunk in torch (see
-seqssm.ops.selective_scan._scan_with_kernel; its cost stops once h0 has decayed to zero).
+seqssm.ops.selective_scan._scan_with_kernel; its cost stops once h0 has decayed to zero), or, on
+CUDA without mamba-ssm, seqssm's Triton scan, which starts from h0 itself.
 Bidirectional and RC-equivariant models read each window right to left too, so a position's
 output depends on bases to its right: they cannot carry a state and raise an error in stream
 mode; embed long sequences with them in overlapping windows (stride < window).
