@@ -160,3 +160,22 @@ def test_triton_scan_every_channel_block_size(block_channels):
                                       block_channels=block_channels)
     want, want_last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True, initial_state=h0)
     assert _rel(got, want) <= 1e-5 and _rel(last, want_last) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunks", [1, 3, 8])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_triton_scan_in_chunks_side_by_side(chunks, reverse, with_h0):
+    """The sequence cut into pieces scanned in parallel, the state carried between them afterwards."""
+    _need_gpu()
+    x = _inputs(1, 6, 16, 3001, seed=chunks + 2 * reverse)
+    h0 = x.pop("initial_state")
+    h0 = h0 if with_h0 else None
+    got, last = selective_scan_triton(**x, delta_softplus=True, return_last_state=True, initial_state=h0,
+                                      reverse=reverse, chunks=chunks)
+    f = {k: (_flip(v) if (reverse and k in ("u", "delta", "B", "C", "z")) else v) for k, v in x.items()}
+    want, want_last = selective_scan_ref(**f, delta_softplus=True, return_last_state=True, initial_state=h0)
+    if reverse:
+        want = want.flip(-1)
+    assert _rel(got, want) <= 1e-5 and _rel(last, want_last) <= 1e-5

@@ -10,10 +10,13 @@ registers in float32, and walks the sequence TT positions at a time: it loads a 
 delta, u (and z) and a [dstate, TT] tile of B and C, then runs the TT steps of the recurrence one
 after another, picking each position's column out of the tiles. A sequential walk has nothing to
 combine between threads and computes exp(delta * A) once per (position, channel, state), which a
-parallel prefix scan cannot avoid either; the grid (batch x channel blocks) is wide enough at the
-sizes this is for (e.g. 8 x 128 programs for batch 8, d_inner 512). Measured on an H100 at batch 8,
-d_inner 512, dstate 16, 131,072 positions, bf16: 15.8 ms, against 11.6 ms for mamba-ssm's kernel and
-~2.6 s for the chunked torch scan on the same GPU (docs/BENCHMARKS.md).
+parallel prefix scan cannot avoid either. The grid (batch x channel blocks) is wide enough at batch
+8, d_inner 512 (8 x 128 programs); for small batches each program takes fewer channels, and where
+even one channel per program leaves the GPU short of programs (batch 1), the sequence is cut into
+chunks scanned side by side, at twice the arithmetic (`chunks`). Measured on an H100 at d_inner 512,
+dstate 16, 131,072 positions, bf16: batch 8 15.8-17.8 ms, against 11.6 ms for mamba-ssm's kernel and
+~2.6 s for the chunked torch scan on the same GPU; batch 1 8.6 ms in 16 chunks, 13.2 ms in one
+(docs/BENCHMARKS.md).
 
 No backward: `selective_scan` uses it only when no gradient is needed (training without mamba-ssm
 takes the torch path). B and C must be per position with one group ([batch, dstate, L]), as in Mamba.
@@ -30,6 +33,8 @@ import torch
 BLOCK_CHANNELS = 4
 BLOCK_POSITIONS = 16
 PROGRAMS_PER_SM = 4
+CHUNK_PROGRAMS_PER_SM = 64  # below this many one-channel programs per multiprocessor, cut the sequence
+MIN_CHUNK = 2048  # positions per chunk at least
 NUM_WARPS = 1
 NUM_STAGES = 3
 
@@ -44,14 +49,18 @@ def _kernel():
         return None
 
     @triton.jit
-    def scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, h0_ptr, out_ptr, hT_ptr,
-                    dim, N, L, nblk,
+    def scan_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, h0_ptr, out_ptr, hT_ptr, dts_ptr,
+                    dim, N, L, nblk, nchunk,
                     s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_b_b, s_b_n, s_b_l, s_c_b, s_c_n, s_c_l,
                     s_z_b, s_z_d, s_z_l, s_o_b, s_o_d, s_o_l,
                     NP: tl.constexpr, BD: tl.constexpr, TT: tl.constexpr, SOFTPLUS: tl.constexpr,
                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, HAS_H0: tl.constexpr,
-                    STORE_LAST: tl.constexpr, REVERSE: tl.constexpr, STAGES: tl.constexpr):
+                    STORE_LAST: tl.constexpr, REVERSE: tl.constexpr, STAGES: tl.constexpr,
+                    STORE_OUT: tl.constexpr, STORE_DTSUM: tl.constexpr):
+        # program (channel block, batch row, chunk): chunk c covers positions [c, c + 1) * nblk * TT
         b = tl.program_id(1)
+        c = tl.program_id(2)
+        bc = b * nchunk + c  # index of this (row, chunk) in the per-chunk states
         d = tl.program_id(0) * BD + tl.arange(0, BD)
         n = tl.arange(0, NP)  # dstate padded to a power of two; padded states stay 0 (A = 0, B = 0)
         md = d < dim
@@ -60,7 +69,7 @@ def _kernel():
         # exp(delta A) = exp2(delta A log2(e))
         A2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mdn, other=0.0).to(tl.float32) * 1.4426950408889634
         if HAS_H0:
-            h = tl.load(h0_ptr + (b * dim + d[:, None]) * N + n[None, :], mask=mdn, other=0.0).to(tl.float32)
+            h = tl.load(h0_ptr + (bc * dim + d[:, None]) * N + n[None, :], mask=mdn, other=0.0).to(tl.float32)
         else:
             h = tl.zeros((BD, NP), dtype=tl.float32)
         if HAS_D:
@@ -68,11 +77,13 @@ def _kernel():
         if HAS_DTB:
             bias = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
         pos = tl.arange(0, TT)
+        if STORE_DTSUM:
+            dt_sum = tl.zeros((BD,), dtype=tl.float32)
         for i in tl.range(0, nblk, num_stages=STAGES):
             if REVERSE:
-                t0 = (nblk - 1 - i) * TT
+                t0 = (c * nblk + nblk - 1 - i) * TT
             else:
-                t0 = i * TT
+                t0 = (c * nblk + i) * TT
             t = t0 + pos
             mt = t < L
             m = md[:, None] & mt[None, :]
@@ -83,6 +94,8 @@ def _kernel():
             if SOFTPLUS:  # torch's softplus (threshold 20)
                 dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
             dt = tl.where(m, dt, 0.0)  # positions past the end: decay 1, input 0 (the state passes unchanged)
+            if STORE_DTSUM:
+                dt_sum += tl.sum(dt, axis=1)
             u = tl.load(u_ptr + b * s_u_b + d[:, None] * s_u_d + t[None, :] * s_u_l, mask=m, other=0.0)
             u = u.to(tl.float32)
             mbt = mn[:, None] & mt[None, :]
@@ -103,18 +116,22 @@ def _kernel():
                 bk = tl.sum(tl.where(at_k, Bt, 0.0), axis=1)
                 ck = tl.sum(tl.where(at_k, Ct, 0.0), axis=1)
                 h = tl.exp2(dk[:, None] * A2) * h + xk[:, None] * bk[None, :]
-                yk = tl.sum(h * ck[None, :], axis=1)
-                y = tl.where(at_k, yk[:, None], y)
-            if HAS_D:
-                y = y + Dv[:, None] * u
-            if HAS_Z:
-                z = tl.load(z_ptr + b * s_z_b + d[:, None] * s_z_d + t[None, :] * s_z_l, mask=m, other=0.0)
-                z = z.to(tl.float32)
-                y = y * (z / (1.0 + tl.exp(-z)))
-            tl.store(out_ptr + b * s_o_b + d[:, None] * s_o_d + t[None, :] * s_o_l,
-                     y.to(out_ptr.dtype.element_ty), mask=m)
+                if STORE_OUT:
+                    yk = tl.sum(h * ck[None, :], axis=1)
+                    y = tl.where(at_k, yk[:, None], y)
+            if STORE_OUT:
+                if HAS_D:
+                    y = y + Dv[:, None] * u
+                if HAS_Z:
+                    z = tl.load(z_ptr + b * s_z_b + d[:, None] * s_z_d + t[None, :] * s_z_l, mask=m, other=0.0)
+                    z = z.to(tl.float32)
+                    y = y * (z / (1.0 + tl.exp(-z)))
+                tl.store(out_ptr + b * s_o_b + d[:, None] * s_o_d + t[None, :] * s_o_l,
+                         y.to(out_ptr.dtype.element_ty), mask=m)
         if STORE_LAST:
-            tl.store(hT_ptr + (b * dim + d[:, None]) * N + n[None, :], h, mask=mdn)
+            tl.store(hT_ptr + (bc * dim + d[:, None]) * N + n[None, :], h, mask=mdn)
+        if STORE_DTSUM:
+            tl.store(dts_ptr + bc * dim + d, dt_sum, mask=md)
 
     return scan_kernel
 
@@ -138,16 +155,33 @@ def _block_channels(batch: int, dim: int, device) -> int:
     return bd
 
 
+def _chunks(batch: int, dim: int, L: int, bd: int, device) -> int:
+    """Sequence chunks to scan side by side: 1 unless even one channel per program leaves the GPU
+    short of programs (batch 1, say), where a walk of the whole length would be the bottleneck."""
+    if bd > 1:
+        return 1
+    want = CHUNK_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = batch * dim
+    if programs >= want:
+        return 1
+    return max(1, min(-(-want // programs), L // MIN_CHUNK))
+
+
 def selective_scan_triton(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-    *, initial_state=None, reverse: bool = False, block_channels: int | None = None,
+    *, initial_state=None, reverse: bool = False, block_channels: int | None = None, chunks: int | None = None,
 ):
     """The selective scan in one Triton kernel; arguments and result as selective_scan_ref (no autograd).
 
     reverse=True: the recurrence runs from the last position to the first (equal to scanning the
     inputs flipped along the length and flipping the output back); the last state is then the
     state after position 0. block_channels: channels per program (default: 4, or 2 or 1 where batch x
-    channels is too small to give every multiprocessor several programs, e.g. batch 1).
+    channels is too small to give every multiprocessor several programs, e.g. batch 1). chunks: the
+    sequence is cut into this many pieces scanned side by side (default: 1, more where one channel
+    per program still leaves the GPU short of work): a first pass runs each piece from a zero
+    state and keeps its last state and its sum of delta, the states entering the pieces follow in
+    order (h_in[c+1] = exp(A sum(delta)[c]) h_in[c] + h_last[c]), and a second pass runs each piece
+    from its entering state; twice the arithmetic, for many more programs.
     """
     kernel = _kernel()
     if kernel is None:
@@ -159,18 +193,37 @@ def selective_scan_triton(
     import triton
 
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
-    last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32) if return_last_state else out
     A = A.float().contiguous()
-    h0 = initial_state.float().contiguous() if initial_state is not None else out
     zz = z if z is not None else u
-    nblk = triton.cdiv(L, BLOCK_POSITIONS)
     BD = block_channels or _block_channels(batch, dim, u.device)
-    grid = (triton.cdiv(dim, BD), batch)
-    kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, h0, out, last,
-        dim, N, L, nblk, *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zz.stride(), *out.stride(),
-        NP=triton.next_power_of_2(N), BD=BD, TT=BLOCK_POSITIONS, SOFTPLUS=bool(delta_softplus),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, HAS_H0=initial_state is not None,
-        STORE_LAST=bool(return_last_state), REVERSE=bool(reverse), STAGES=NUM_STAGES, num_warps=NUM_WARPS,
-    )
+    nchunk = chunks or _chunks(batch, dim, L, BD, u.device)
+    chunk_len = triton.cdiv(triton.cdiv(L, nchunk), BLOCK_POSITIONS) * BLOCK_POSITIONS
+    nchunk = triton.cdiv(L, chunk_len)
+    args = (u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A)
+    strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zz.stride(), *out.stride())
+    kw = dict(NP=triton.next_power_of_2(N), BD=BD, TT=BLOCK_POSITIONS, SOFTPLUS=bool(delta_softplus),
+              HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=delta_bias is not None, REVERSE=bool(reverse),
+              STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+    grid = (triton.cdiv(dim, BD), batch, nchunk)
+    nblk = chunk_len // BLOCK_POSITIONS
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    last = None
+    if nchunk > 1:
+        # pass 1: each piece from a zero state -> its last state and its sum of delta
+        ends = torch.empty(batch, nchunk, dim, N, device=u.device, dtype=torch.float32)
+        sums = torch.empty(batch, nchunk, dim, device=u.device, dtype=torch.float32)
+        kernel[grid](*args, out, out, ends, sums, dim, N, L, nblk, nchunk, *strides, HAS_H0=False, STORE_LAST=True,
+                     STORE_OUT=False, STORE_DTSUM=True, **kw)
+        decay = torch.exp(A * sums[..., None])  # [batch, nchunk, dim, N]: the product of the piece's exp(delta A)
+        starts = torch.empty_like(ends)
+        h = h0 if h0 is not None else torch.zeros(batch, dim, N, device=u.device, dtype=torch.float32)
+        for c in (reversed(range(nchunk)) if reverse else range(nchunk)):
+            starts[:, c] = h
+            h = decay[:, c] * h + ends[:, c]
+        h0, last = starts, h
+    elif return_last_state:
+        last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
+    store_last = nchunk == 1 and bool(return_last_state)
+    kernel[grid](*args, h0 if h0 is not None else out, out, last if store_last else out, out, dim, N, L, nblk, nchunk,
+                 *strides, HAS_H0=h0 is not None, STORE_LAST=store_last, STORE_OUT=True, STORE_DTSUM=False, **kw)
     return (out, last) if return_last_state else out
