@@ -63,14 +63,14 @@ def test_a_run_cut_on_one_rank_resumes_per_shard(tiny_model, tmp_path):
         "from seqssm.cli.main import app\n"
         "app(prog_name='seqssm')\n")
     out = tmp_path / "two.parquet"
-    res = torchrun("embed", *args, "-o", out, "--device", "cpu", "-q", script=script)
+    res = torchrun("embed", *args, "-o", out, "--device", "cpu", "-q", script=script, retry_abort=False)
     assert res.returncode != 0 and not out.exists()
     state = json.loads((tmp_path / "two.parquet.part-1-of-2.partial" / "state.json").read_text())
     assert state["items_done"] == 64 and len(state["parts"]) == 1 and not state.get("complete")
     # Without --resume, or by another number of processes, the partial run is protected.
     res = runner.invoke(app, ["embed", *map(str, args), "-o", str(out), "--resume", "--device", "cpu", "-q"])
     assert res.exit_code == 1 and "by 2 processes" in res.stderr
-    res = torchrun("embed", *args, "-o", out, "--device", "cpu", "-q")
+    res = torchrun("embed", *args, "-o", out, "--device", "cpu", "-q", retry_abort=False)
     assert res.returncode != 0 and "use --resume to continue it" in res.stderr
     ok(torchrun("embed", *args, "-o", out, "--device", "cpu", "-q", "--resume"))
     assert out.read_bytes() == (tmp_path / "one.parquet").read_bytes()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +31,31 @@ REPO = Path(__file__).resolve().parents[1]
 LAMBDA = REPO / "resources" / "data" / "lambda_virus.fa.gz"
 runner = CliRunner()
 RTOL = 1e-5  # losses: fp32 forward/backward, gradients summed in another order across 2 ranks
+TORCH_ABORT = "terminate called without an active exception"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def torchrun(*args, nproc: int = 2, script: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=N -m seqssm.cli ARGS` (or a script) on CPU, one thread per rank."""
+def torchrun(*args, nproc: int = 2, script: Path | None = None, timeout: float = 240,
+             retry_abort: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N -m seqssm.cli ARGS` (or a script) on CPU, one thread per rank.
+    retry_abort=False for a test that checks how ranks end (the retry below would hide an abort)."""
     target = [str(script)] if script is not None else ["-m", "seqssm.cli"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target,
            *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SEQSSM_DIST_TIMEOUT": "120", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    words = list(map(str, args))
+    if (retry_abort and res.returncode != 0 and TORCH_ABORT in res.stderr and script is None
+            and words[0] in ("pretrain", "pretrain-molecules", "finetune") and "--resume" not in words):
+        # Seen once (session 12's CI, 2-core CPU, an FSDP2 run over gloo): a rank aborted in torch's C++
+        # threads with no Python error at all, and the same test then passed 3 times in a row. Such a
+        # training run (whose output is one folder) is repeated once from an empty folder; not a --resume
+        # run, whose folder holds its start. Any other failure, or the abort twice, fails.
+        warnings.warn(f"torchrun: a rank aborted ({TORCH_ABORT!r}); running the command once more")
+        shutil.rmtree(words[words.index("-o") + 1], ignore_errors=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    return res
 
 
 def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -155,7 +171,7 @@ def test_pretrain_fsdp_equals_single_process_and_writes_the_same_checkpoints(pre
 
 def test_batch_not_divisible_by_the_processes_is_one_error_line(tmp_path):
     res = torchrun("pretrain", LAMBDA, "-o", tmp_path / "r", "--batch-size", "5", "--seq-len", "256", "--d-model",
-                   "16", "--n-layer", "1", "--device", "cpu", "--no-markov-baseline")
+                   "16", "--n-layer", "1", "--device", "cpu", "--no-markov-baseline", retry_abort=False)
     assert res.returncode != 0
     msg = "--batch-size 5 is the global batch and must be divisible by the number of processes (2)"
     assert res.stderr.count(msg) == 1, res.stderr[-3000:]  # rank 0 prints it; rank 1 exits quietly
