@@ -96,6 +96,7 @@ def finetune(
         "auprc, mse, pearson, spearman. Default auroc (binary, multilabel), mcc (multiclass), pearson (regression)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the head initialisation, data order and dropout. Default 0."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N."),
+    backend: str = typer.Option("auto", "--backend", help="Kernels of Mamba / Caduceus backbones: auto (mamba-ssm + causal-conv1d on a GPU where installed, else PyTorch), torch, cuda (mamba-ssm + causal-conv1d)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its latest checkpoint (starts it if there is none)."),
     force: bool = typer.Option(False, "--force", help="Delete the run in OUTPUT and start over."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop cleanly (checkpoint saved) before this many minutes; continue with --resume."),
@@ -122,7 +123,7 @@ def finetune(
         grad_clip=grad_clip, seed=seed, pooling=pooling, dropout=dropout,
         freeze_backbone=True if freeze_backbone else None, probe_epochs=probe_epochs, class_weights=class_weights,
         rc_augment=True if rc_augment else None, rc_average=True if rc_average else None, patience=patience,
-        early_stop_metric=early_stop_metric, device=device, resume=resume, force=force, max_minutes=max_minutes,
+        early_stop_metric=early_stop_metric, device=device, backend=backend, resume=resume, force=force, max_minutes=max_minutes,
         max_steps_this_run=max_steps_this_run, quiet=quiet,
     )
     s = run_guarded(run_finetune, opts, stderr)

@@ -60,6 +60,7 @@ def pretrain(
         help="Fit the order-k Markov baseline (k=0..10) on the same split and record it in training.json "
         "(next-base runs; masked-LM runs record a no-context base-frequency reference instead)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model for training (GPU)."),
+    backend: str = typer.Option("auto", "--backend", help="Kernels of Mamba / Caduceus models: auto (mamba-ssm + causal-conv1d on a GPU where installed, else PyTorch), torch, cuda (mamba-ssm + causal-conv1d)."),
     fsdp: bool = typer.Option(
         False, "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state across the "
         "processes (FSDP2) instead of replicating the model (DDP). For models that do not fit on one GPU."),
@@ -83,7 +84,7 @@ def pretrain(
         eval_every=eval_every, eval_max_windows=eval_max_windows, save_every=save_every, seed=seed,
         valid_regions=list(valid_region or []), valid_files=list(valid_file or []), device=device,
         resume=resume, force=force, max_minutes=max_minutes, max_steps_this_run=max_steps_this_run, init=init,
-        markov_baseline=markov_baseline, compile=compile, fsdp=fsdp, quiet=quiet,
+        markov_baseline=markov_baseline, compile=compile, backend=backend, fsdp=fsdp, quiet=quiet,
     )
     s = run_guarded(run_pretrain, opts, stderr)
     if quiet or not is_main_process():

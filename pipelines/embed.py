@@ -51,6 +51,7 @@ from seqssm.distributed import session
 from seqssm.errors import SeqssmError
 from seqssm.io import FastaFile, count_windows
 from seqssm.io.bed import check_regions, read_bed
+from seqssm.layers.mamba import configure_backend
 from seqssm.models import load_model
 from seqssm.tokenizers.dna import N, reverse_complement
 from seqssm.pipelines import output as out
@@ -73,6 +74,7 @@ class EmbedOptions:
     regions: Path | None = None
     max_n_frac: float = 0.5
     stream: bool = False  # causal models: carry the state along each record (see the module docstring)
+    backend: str = "auto"  # Mamba / Caduceus kernels (seqssm.layers.mamba.configure_backend)
     resume: bool = False
     force: bool = False
     quiet: bool = False
@@ -311,6 +313,7 @@ def _plan(opts: EmbedOptions, dist) -> _Job:
     device = dist.device
     fasta = FastaFile(opts.fasta)
     loaded = load_model(opts.model, device="cpu")
+    configure_backend(loaded.model, opts.backend, device, training=False)
     max_len = int(loaded.max_length)
     window = opts.window or max_len
     stride = opts.stride or window

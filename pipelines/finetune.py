@@ -53,6 +53,7 @@ from seqssm.pipelines.output import check_run_budget, prepare_run_dir
 from seqssm import __version__
 from seqssm.distributed import Dist, session
 from seqssm.errors import SeqssmError
+from seqssm.layers.mamba import check_backend, configure_backend
 from seqssm.io.atomic import atomic_write_text
 from seqssm.tokenizers.dna import DNATokenizer
 from seqssm.training.finetune import (
@@ -138,6 +139,7 @@ class FinetuneOptions:
     early_stop_metric: str | None = None
     # the invocation
     device: str = "auto"
+    backend: str = "auto"  # Mamba / Caduceus kernels (seqssm.layers.mamba.configure_backend)
     resume: bool = False
     force: bool = False
     max_minutes: float | None = None
@@ -447,6 +449,8 @@ def command_line(opts: FinetuneOptions) -> str:
             words += [f"--{name.replace('_', '-')}", ",".join(map(str, v))]
     if opts.device != "auto":
         words += ["--device", opts.device]
+    if opts.backend != "auto":
+        words += ["--backend", opts.backend]
     for name, on in (("from-scratch", opts.from_scratch), ("freeze-backbone", opts.freeze_backbone),
                      ("rc-augment", opts.rc_augment), ("rc-average", opts.rc_average),
                      ("resume", opts.resume), ("force", opts.force)):
@@ -533,6 +537,7 @@ def _run_finetune(opts: FinetuneOptions, console, dist: Dist) -> FinetuneSummary
     main = dist.is_main
     saved, ckpt = dist.on_main(lambda: _find_run(out, opts))
     device = dist.device
+    check_backend(opts.backend, device, training=True)
     cfg = _resolve_config(opts, saved)
     dist.check_divisible(cfg.batch_size)
     d = _merge_data_options(opts, saved)
@@ -587,6 +592,7 @@ def _run_finetune(opts: FinetuneOptions, console, dist: Dist) -> FinetuneSummary
     # --from-scratch: the same architecture, randomly initialised (and fed the same inputs: n_as_pad)
     backbone = new_backbone(config) if d.get("from_scratch") else lm_backbone(loaded.model)
     model = SequenceClassifier(config, head_cfg, backbone=backbone, n_as_pad=loaded.n_as_pad)
+    configure_backend(model, opts.backend, device, training=True)
     tokenizer = DNATokenizer(model_max_length=int(loaded.max_length))
     del loaded
     architecture = architecture_of(config)

@@ -24,6 +24,7 @@ import torch
 
 from seqssm.errors import SeqssmError
 from seqssm.io.labeled import read_labeled
+from seqssm.layers.mamba import configure_backend
 from seqssm.models.heads import batch_examples, load_finetuned
 from seqssm.pipelines.embed import resolve_device
 from seqssm.pipelines.progress import BasesProgress
@@ -42,6 +43,7 @@ class PredictOptions:
     rc_average: bool | None = None  # None: as the model was evaluated when fine-tuned
     batch_size: int = 64
     device: str = "auto"
+    backend: str = "auto"  # Mamba / Caduceus kernels (seqssm.layers.mamba.configure_backend)
     force: bool = False
     quiet: bool = False
 
@@ -110,6 +112,7 @@ def run_predict(opts: PredictOptions) -> PredictSummary:
         raise SeqssmError(f"{output} exists; use --force to overwrite it")
     device = resolve_device(opts.device)
     model, _tokenizer, head, prep, _info = load_finetuned(opts.model, device=device)
+    configure_backend(model, opts.backend, device, training=False)
     rc_average = bool(prep.get("rc_average", False)) if opts.rc_average is None else opts.rc_average
 
     src = opts.regions if opts.regions is not None else opts.sequences

@@ -53,6 +53,7 @@ from seqssm.io.atomic import atomic_write_text
 from seqssm import __version__
 from seqssm.distributed import Dist, session
 from seqssm.errors import SeqssmError
+from seqssm.layers.mamba import check_backend, configure_backend
 from seqssm.tokenizers.dna import DNATokenizer
 from seqssm.training.data import SHARED_CONTEXT, DataSplit, load_split
 from seqssm.training.lm import (
@@ -123,6 +124,7 @@ class PretrainOptions:
     init: str | None = None
     markov_baseline: bool = True
     compile: bool = False
+    backend: str = "auto"  # Mamba / Caduceus kernels (seqssm.layers.mamba.configure_backend)
     fsdp: bool = False  # under torchrun: shard the model (FSDP2) instead of replicating it (DDP)
     quiet: bool = False
     command: str | None = None  # recorded in training.json; default: sys.argv
@@ -341,6 +343,8 @@ def command_line(opts: PretrainOptions) -> str:
         words += ["--valid-file", str(f)]
     if opts.device != "auto":
         words += ["--device", opts.device]
+    if opts.backend != "auto":
+        words += ["--backend", opts.backend]
     for name, on in (("resume", opts.resume), ("force", opts.force), ("compile", opts.compile),
                      ("fsdp", opts.fsdp), ("no-markov-baseline", not opts.markov_baseline)):
         if on:
@@ -433,6 +437,7 @@ def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary
     # Rank 0 looks at (and with --force clears) OUT; every rank then works from what it found.
     saved, ckpt = dist.on_main(lambda: _find_run(out, opts))
     device = dist.device
+    check_backend(opts.backend, device, training=True)
     main = dist.is_main
 
     def settings():
@@ -492,6 +497,7 @@ def _run_pretrain(opts: PretrainOptions, console, dist: Dist) -> PretrainSummary
         model.train()
     else:
         model = build_model(arch, model_settings, cfg.seed)
+    configure_backend(model, opts.backend, device, training=True)
     # Caduceus: the window length the model was trained on (no positional limit) and whether N is fed
     # as [PAD] (published checkpoints); both fixed when the run starts.
     if saved is not None and "max_length" in saved:

@@ -20,7 +20,8 @@ forward over [w1, w2] == forward(w1) then forward(w2, state=state after w1).
 
 Backends: "auto" uses the CUDA kernels of mamba-ssm / causal-conv1d when the input is on a GPU and
 they are installed (imported on first use), the PyTorch implementations in seqssm.ops otherwise;
-on a GPU without mamba-ssm, inference (no gradient) scans with seqssm's Triton kernel.
+on a GPU without mamba-ssm, inference (no gradient) scans with seqssm's Triton kernel. The commands'
+--backend option sets them per model (configure_backend); "triton" forces that scan.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seqssm.errors import SeqssmError
 from seqssm.layers.norm import add_norm
-from seqssm.ops.causal_conv import causal_conv1d, causal_conv1d_update
-from seqssm.ops.selective_scan import scan_backend, selective_scan, selective_state_update
+from seqssm.ops.causal_conv import causal_conv1d, causal_conv1d_kernels_available, causal_conv1d_update
+from seqssm.ops.selective_scan import (cuda_kernels_available, scan_backend, selective_scan,
+                                       selective_state_update)
+from seqssm.ops.selective_scan_triton import triton_scan_available
 
 MambaState = tuple[torch.Tensor, torch.Tensor]  # (conv_state, ssm_state)
 
@@ -102,6 +106,10 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     # -- helpers
+    def _kernel_backend(self) -> str:
+        """The backend of the convolution and the one-step update: "triton" names a scan only."""
+        return "auto" if self.backend == "triton" else self.backend
+
     def _conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight.squeeze(1)  # [d_inner, d_conv]
 
@@ -159,7 +167,7 @@ class Mamba(nn.Module):
         conv_state, ssm_state = (None, None) if state is None else state
         init = None if conv_state is None else conv_state[..., conv_state.shape[-1] - (self.d_conv - 1):]
         x = causal_conv1d(x, self._conv_weight(), self.conv1d.bias, initial_states=init,
-                          activation="silu", backend=self.backend)
+                          activation="silu", backend=self._kernel_backend())
         dt, Bm, Cm = self._ssm_inputs(x)
         res = selective_scan(
             x, dt, A, Bm, Cm, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
@@ -188,14 +196,49 @@ class Mamba(nn.Module):
                 raise ValueError(f"Mamba.step: one position at a time, got length {hidden_states.shape[1]}")
             hidden_states = hidden_states[:, 0]
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # [B, d_inner] each
-        x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, "silu", backend=self.backend)
+        x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, "silu",
+                                 backend=self._kernel_backend())
         dt, Bm, Cm = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # the bias is added in the update
         A = -torch.exp(self.A_log.float())
         y = selective_state_update(ssm_state, x, dt, A, Bm, Cm, self.D, z=z, dt_bias=self.dt_proj.bias,
-                                   dt_softplus=True, backend=self.backend)
+                                   dt_softplus=True, backend=self._kernel_backend())
         out = self.out_proj(y)
         return (out.unsqueeze(1) if squeeze else out), conv_state, ssm_state
+
+
+BACKENDS = ("auto", "torch", "cuda", "triton")
+
+
+def check_backend(backend: str, device: torch.device | str, *, training: bool) -> None:
+    """The --backend option of the commands, checked before any work: what cannot work on `device`
+    is a one-line error now, not at the first forward pass (see configure_backend for the values)."""
+    allowed = BACKENDS[:3] if training else BACKENDS
+    if backend not in allowed:
+        hint = " (triton is for inference: embed, predict)" if backend == "triton" else ""
+        raise SeqssmError(f"--backend {backend!r}: expected one of {', '.join(allowed)}{hint}")
+    if backend in ("cuda", "triton") and torch.device(device).type != "cuda":
+        raise SeqssmError(f"--backend {backend} needs a CUDA device (--device cuda), not {device}")
+    if backend == "cuda" and not (cuda_kernels_available() and causal_conv1d_kernels_available()):
+        raise SeqssmError("--backend cuda: the mamba-ssm / causal-conv1d kernels are not installed (or failed "
+                          "to import): pip install \"seqssm[gpu]\", or use --backend auto")
+    if backend == "triton" and not triton_scan_available():
+        raise SeqssmError("--backend triton: Triton is not installed (it comes with the CUDA builds of torch)")
+
+
+def configure_backend(model: nn.Module, backend: str, device: torch.device | str, *, training: bool) -> int:
+    """Set the kernels of every Mamba mixer in `model` (the --backend option of the commands), after
+    check_backend; returns how many mixers there are (0 for a HyenaDNA model: no effect).
+
+    "auto": mamba-ssm + causal-conv1d on a GPU where installed, else, for inference on a GPU, seqssm's
+    Triton scan, else PyTorch; "torch": PyTorch only; "cuda": mamba-ssm + causal-conv1d; "triton":
+    seqssm's Triton scan (inference only), the convolution as "auto".
+    """
+    check_backend(backend, device, training=training)
+    mixers = [m for m in model.modules() if isinstance(m, Mamba)]
+    for m in mixers:
+        m.backend = backend
+    return len(mixers)
 
 
 def _mamba_inner(m: Mamba, xz: torch.Tensor, A: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor | None):

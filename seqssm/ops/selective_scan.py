@@ -337,7 +337,10 @@ def _resolve(backend: str, tensor: torch.Tensor, kernel, what: str) -> str:
 
 
 def scan_backend(backend: str, tensor: torch.Tensor) -> str:
-    """The backend selective_scan would use for tensors like `tensor`: "torch" or "cuda" (errors as it would)."""
+    """The backend selective_scan would use for tensors like `tensor`: "torch", "cuda" or "triton" (for
+    backend "triton"; "auto" reports "torch" where it may take Triton for inference); errors as it would."""
+    if backend == "triton":
+        return "triton"
     return _resolve(backend, tensor, _mamba_scan_kernel, "selective_scan")
 
 
@@ -518,7 +521,15 @@ def selective_scan(
     gradient flows back from the returned last state); "auto": cuda when the tensors are on a CUDA
     device and the kernel imports; else, on a CUDA device with no gradient needed, seqssm's own
     Triton kernel (seqssm.ops.selective_scan_triton: inference without mamba-ssm); else torch.
+    "triton": that Triton kernel (CUDA tensors, Triton installed, no gradient needed).
     """
+    if backend == "triton":
+        _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        if not _triton_suits(u, delta, A, B, C, D, z, delta_bias, initial_state):
+            raise ValueError("selective_scan: backend 'triton' needs tensors on a CUDA device, Triton, B and C of "
+                             "shape [batch, dstate, L], and no gradient (it is for inference); use 'auto' or 'torch'")
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     initial_state=initial_state)
     which = _resolve(backend, u, _mamba_scan_kernel, "selective_scan")
     if which == "torch" and backend == "auto" and _triton_suits(u, delta, A, B, C, D, z, delta_bias, initial_state):
         _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
