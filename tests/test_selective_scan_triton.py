@@ -179,3 +179,13 @@ def test_triton_scan_in_chunks_side_by_side(chunks, reverse, with_h0):
     if reverse:
         want = want.flip(-1)
     assert _rel(got, want) <= 1e-5 and _rel(last, want_last) <= 1e-5
+
+
+def test_offsets_past_32_bits_are_left_to_the_torch_path():
+    from seqssm.ops.selective_scan_triton import _offsets_fit
+
+    assert _offsets_fit(torch.empty(8, 512, 131072, device="meta"), torch.empty(8, 16, 131072, device="meta"))
+    assert _offsets_fit(torch.empty(1, 512, 1 << 22, device="meta"))  # last offset 2^31 - 1: still fits
+    assert not _offsets_fit(torch.empty(2, 512, 1 << 22, device="meta"))
+    # a transposed view reaches as far as its storage does
+    assert not _offsets_fit(torch.empty((1 << 22) + 1, 512, device="meta").t()[None])

@@ -504,7 +504,7 @@ def _scan_with_kernel(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplu
 def _triton_suits(u, delta, A, B, C, D, z, delta_bias, initial_state) -> bool:
     """The Triton scan can stand in for mamba-ssm's: a CUDA device, Triton, inputs it takes, and no
     gradient to compute (it has no backward)."""
-    if not (u.is_cuda and triton_scan_available() and fits_triton_scan(u, A, B, C)):
+    if not (u.is_cuda and triton_scan_available() and fits_triton_scan(u, A, B, C, delta, z)):
         return False
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
@@ -527,7 +527,8 @@ def selective_scan(
         _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
         if not _triton_suits(u, delta, A, B, C, D, z, delta_bias, initial_state):
             raise ValueError("selective_scan: backend 'triton' needs tensors on a CUDA device, Triton, B and C of "
-                             "shape [batch, dstate, L], and no gradient (it is for inference); use 'auto' or 'torch'")
+                             "shape [batch, dstate, L], offsets below 2^31 elements, and no gradient (it is for "
+                             "inference); use 'auto' or 'torch'")
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                      initial_state=initial_state)
     which = _resolve(backend, u, _mamba_scan_kernel, "selective_scan")

@@ -141,10 +141,17 @@ def triton_scan_available() -> bool:
     return torch.cuda.is_available() and _kernel() is not None
 
 
-def fits_triton_scan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> bool:
-    """Inputs this kernel takes: CUDA tensors, real A, B and C per position with one group."""
+def fits_triton_scan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *others) -> bool:
+    """Inputs this kernel takes: CUDA tensors, real A, B and C per position with one group, and
+    offsets that fit in 32 bits (the kernel's pointer arithmetic; batch 2 x 512 channels x 4M
+    positions does not: the torch path takes those)."""
     return (u.is_cuda and not A.is_complex() and B.dim() == 3 and C.dim() == 3
-            and B.shape[0] == u.shape[0] and C.shape[0] == u.shape[0])
+            and B.shape[0] == u.shape[0] and C.shape[0] == u.shape[0]
+            and _offsets_fit(u, B, C, *(t for t in others if t is not None)))
+
+
+def _offsets_fit(*tensors: torch.Tensor) -> bool:
+    return all(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) < 2**31 for t in tensors)
 
 
 def _block_channels(batch: int, dim: int, device) -> int:
@@ -186,8 +193,9 @@ def selective_scan_triton(
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("selective_scan_triton needs Triton")
-    if not fits_triton_scan(u, A, B, C):
-        raise ValueError("selective_scan_triton: CUDA tensors, real A and B, C of shape [batch, dstate, L]")
+    if not fits_triton_scan(u, A, B, C, delta, z):
+        raise ValueError("selective_scan_triton: CUDA tensors, real A, B and C of shape [batch, dstate, L], and "
+                         "offsets below 2^31 elements")
     batch, dim, L = u.shape
     N = A.shape[1]
     import triton
