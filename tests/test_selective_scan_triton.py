@@ -189,3 +189,23 @@ def test_offsets_past_32_bits_are_left_to_the_torch_path():
     assert not _offsets_fit(torch.empty(2, 512, 1 << 22, device="meta"))
     # a transposed view reaches as far as its storage does
     assert not _offsets_fit(torch.empty((1 << 22) + 1, 512, device="meta").t()[None])
+
+
+def test_dispatch_to_the_triton_scan_without_a_gpu(monkeypatch):
+    """Which backend selective_scan takes, with the GPU facts stubbed (the kernel itself: GPU tests above)."""
+    calls = []
+    monkeypatch.setattr(ss, "_mamba_scan_kernel", lambda: None)
+    monkeypatch.setattr(ss, "selective_scan_triton", lambda *a, **k: calls.append(1) or "triton")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 4, 9, generator=g), torch.rand(1, 4, 9, generator=g), -torch.rand(4, 16, generator=g),
+         torch.randn(1, 16, 9, generator=g), torch.randn(1, 16, 9, generator=g))
+    monkeypatch.setattr(ss, "_triton_suits", lambda *a: True)
+    assert selective_scan(*x) == "triton" and selective_scan(*x, backend="triton") == "triton"
+    assert torch.allclose(selective_scan(*x, backend="torch"), selective_scan_ref(*x), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2  # an explicit torch backend is obeyed
+    monkeypatch.setattr(ss, "_triton_suits", lambda *a: False)
+    assert torch.allclose(selective_scan(*x), selective_scan_ref(*x), rtol=1e-5, atol=1e-6) and len(calls) == 2
+    with pytest.raises(ValueError, match="backend 'triton' needs"):
+        selective_scan(*x, backend="triton")
+    with pytest.raises(ValueError, match="A must be"):  # shapes are checked before the kernel is called
+        selective_scan(*x[:2], -torch.rand(3, 16), *x[3:], backend="triton")

@@ -523,23 +523,24 @@ def selective_scan(
     Triton kernel (seqssm.ops.selective_scan_triton: inference without mamba-ssm); else torch.
     "triton": that Triton kernel (CUDA tensors, Triton installed, no gradient needed).
     """
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if backend == "triton":
-        _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
-        if not _triton_suits(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        which = "triton"
+    else:
+        which = _resolve(backend, u, _mamba_scan_kernel, "selective_scan")
+        if which == "torch" and backend == "auto" and _triton_suits(*args):
+            which = "triton"
+    if which == "torch":
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                    initial_state=initial_state)
+    _check_scan(*args)
+    if which == "triton":
+        if backend == "triton" and not _triton_suits(*args):
             raise ValueError("selective_scan: backend 'triton' needs tensors on a CUDA device, Triton, B and C of "
                              "shape [batch, dstate, L], offsets below 2^31 elements, and no gradient (it is for "
                              "inference); use 'auto' or 'torch'")
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                      initial_state=initial_state)
-    which = _resolve(backend, u, _mamba_scan_kernel, "selective_scan")
-    if which == "torch" and backend == "auto" and _triton_suits(u, delta, A, B, C, D, z, delta_bias, initial_state):
-        _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                     initial_state=initial_state)
-    if which == "torch":
-        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                    initial_state=initial_state)
-    _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
     return _scan_with_kernel(_mamba_scan_kernel(), u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                              return_last_state, initial_state)
 
