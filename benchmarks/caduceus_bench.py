@@ -2,7 +2,7 @@
 
     python benchmarks/caduceus_bench.py [--ref .ref/caduceus] [--device cuda|cpu]
         [--runs bf16:131072x8,fp32:131072x8,bf16:1048576x1] [--config ps|ph] [--d-model 256] [--n-layer 16]
-        [--backend auto|torch|cuda] [--bf16 cast|autocast] [--repeats 3] [--warmup 1] [--json OUT.json]
+        [--backend auto|torch|cuda|triton] [--bf16 cast|autocast] [--repeats 3] [--warmup 1] [--json OUT.json]
 
 What is timed: the backbone's forward (token ids -> final hidden states, what embedding needs),
 model.eval(), torch.inference_mode(); warm-up call(s), then the median of --repeats calls, each
@@ -301,7 +301,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", default="ps", help="ps (Caduceus-PS) or ph (Caduceus-Ph)")
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--n-layer", type=int, default=16)
-    ap.add_argument("--backend", default="auto", choices=("auto", "torch", "cuda"), help="seqssm's scan/conv backend")
+    ap.add_argument("--backend", default="auto", choices=("auto", "torch", "cuda", "triton"),
+                    help="seqssm's scan/conv backend")
     ap.add_argument("--bf16", default="cast", choices=("cast", "autocast"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)

@@ -1,6 +1,7 @@
-"""seqssm's Triton selective scan (inference on a GPU without mamba-ssm) against the loop reference.
+"""seqssm's Triton selective scans (inference on a GPU without mamba-ssm) against the loop reference.
 
-GPU tests (CUDA and Triton): fresh random inputs, float32 within 1e-5 and bfloat16 within 1e-2
+Both kernels, the Gluon one (`seqssm.ops.selective_scan_gluon`, the default where Triton has Gluon)
+and the plain Triton one. GPU tests (CUDA and Triton): fresh random inputs, float32 within 1e-5 and bfloat16 within 1e-2
 (relative to the output's norm), every optional input on and off, dstate not a power of two,
 lengths and channel counts that the tiles do not divide, the reverse direction, the initial and
 last states; `selective_scan` picks it only when mamba-ssm is missing and no gradient is needed;
@@ -15,12 +16,16 @@ import torch
 import seqssm.ops.selective_scan as ss
 from seqssm.layers.mamba import Mamba
 from seqssm.ops.selective_scan import selective_scan, selective_scan_ref
-from seqssm.ops.selective_scan_triton import selective_scan_triton, triton_scan_available
+from seqssm.ops.selective_scan_triton import _gluon_kernel, selective_scan_triton, triton_scan_available
+
+KERNELS = ["gluon", "triton"]
 
 
-def _need_gpu():
+def _need_gpu(kernel="triton"):
     if not triton_scan_available():
         pytest.skip("needs a CUDA GPU and Triton")
+    if kernel == "gluon" and _gluon_kernel() is None:
+        pytest.skip("needs Triton with Gluon")
 
 
 def _rel(a, b):
@@ -47,13 +52,15 @@ SHAPES = [(2, 64, 16, 777), (1, 6, 12, 100), (3, 33, 16, 5), (1, 8, 4, 2048)]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_triton_scan_equals_the_loop_reference_fp32(shape, reverse):
-    _need_gpu()
+def test_triton_scan_equals_the_loop_reference_fp32(kernel, shape, reverse):
+    _need_gpu(kernel)
     x = _inputs(*shape, seed=sum(shape) + reverse)
     got, last = selective_scan_triton(**{k: v for k, v in x.items() if k != "initial_state"}, delta_softplus=True,
-                                      return_last_state=True, initial_state=x["initial_state"], reverse=reverse)
+                                      return_last_state=True, initial_state=x["initial_state"], reverse=reverse,
+                                      kernel=kernel)
     if reverse:  # the recurrence from the end = the scan of the flipped inputs, flipped back
         f = {k: (_flip(v) if k in ("u", "delta", "B", "C", "z") else v) for k, v in x.items()}
         want, want_last = selective_scan_ref(**{k: v for k, v in f.items() if k != "initial_state"},
@@ -70,9 +77,10 @@ def test_triton_scan_equals_the_loop_reference_fp32(shape, reverse):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("drop", ["D", "z", "delta_bias", "initial_state", "softplus", "all"])
-def test_triton_scan_optional_inputs(drop):
-    _need_gpu()
+def test_triton_scan_optional_inputs(kernel, drop):
+    _need_gpu(kernel)
     x = _inputs(2, 20, 16, 300, seed=7)
     softplus = drop not in ("softplus", "all")
     if drop != "softplus":
@@ -81,18 +89,20 @@ def test_triton_scan_optional_inputs(drop):
     if not softplus:
         x["delta"] = x["delta"].abs() * 0.3  # a valid step size without softplus
     h0 = x.pop("initial_state")
-    got, last = selective_scan_triton(**x, delta_softplus=softplus, return_last_state=True, initial_state=h0)
+    got, last = selective_scan_triton(**x, delta_softplus=softplus, return_last_state=True, initial_state=h0,
+                                      kernel=kernel)
     want, want_last = selective_scan_ref(**x, delta_softplus=softplus, return_last_state=True, initial_state=h0)
     assert _rel(got, want) <= 1e-5 and _rel(last, want_last) <= 1e-5
-    assert selective_scan_triton(**x, delta_softplus=softplus, initial_state=h0).shape == want.shape
+    assert selective_scan_triton(**x, delta_softplus=softplus, initial_state=h0, kernel=kernel).shape == want.shape
 
 
 @pytest.mark.gpu
-def test_triton_scan_bf16_within_1e_2_of_float32():
-    _need_gpu()
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_triton_scan_bf16_within_1e_2_of_float32(kernel):
+    _need_gpu(kernel)
     x = _inputs(2, 64, 16, 1500, seed=11, dtype=torch.bfloat16)
     h0 = x.pop("initial_state")
-    got = selective_scan_triton(**x, delta_softplus=True, initial_state=h0)
+    got = selective_scan_triton(**x, delta_softplus=True, initial_state=h0, kernel=kernel)
     # the float32 reference on the same (bf16-rounded) inputs
     want = selective_scan_ref(**{k: (v.float() if v is not None else None) for k, v in x.items()},
                               delta_softplus=True, initial_state=h0)
@@ -143,6 +153,28 @@ def test_mamba_block_on_triton_equals_torch_whole_and_in_windows(monkeypatch):
     assert _rel(torch.cat([a, b], dim=1), whole) <= 1e-5
 
 
+@pytest.mark.gpu
+def test_gluon_kernel_is_the_default_where_available():
+    _need_gpu("gluon")
+    x = _inputs(2, 40, 16, 999, seed=13, dtype=torch.bfloat16)
+    h0 = x.pop("initial_state")
+    default = selective_scan_triton(**x, delta_softplus=True, initial_state=h0)
+    assert torch.equal(default, selective_scan_triton(**x, delta_softplus=True, initial_state=h0, kernel="gluon"))
+    # the two kernels agree with each other as well as with the reference
+    assert _rel(default, selective_scan_triton(**x, delta_softplus=True, initial_state=h0, kernel="triton")) <= 1e-2
+
+
+def test_triton_scan_kernel_choice_is_checked():
+    x = dict(u=torch.randn(1, 4, 8), delta=torch.rand(1, 4, 8), A=-torch.rand(4, 16), B=torch.randn(1, 16, 8),
+             C=torch.randn(1, 16, 8))
+    with pytest.raises(ValueError, match="kernel must be"):
+        selective_scan_triton(**x, kernel="cuda")
+    with pytest.raises((RuntimeError, ValueError)):  # no Gluon here, or CPU tensors
+        selective_scan_triton(**x, kernel="gluon")
+    with pytest.raises(RuntimeError, match="Gluon kernel needs"):  # block sizes belong to the plain kernel
+        selective_scan_triton(**x, kernel="gluon", block_channels=2)
+
+
 def test_triton_scan_refuses_cpu_tensors():
     x = {k: v for k, v in dict(u=torch.randn(1, 4, 8), delta=torch.rand(1, 4, 8), A=-torch.rand(4, 16),
                                B=torch.randn(1, 16, 8), C=torch.randn(1, 16, 8)).items()}
@@ -157,23 +189,24 @@ def test_triton_scan_every_channel_block_size(block_channels):
     x = _inputs(1, 10, 16, 500, seed=5)
     h0 = x.pop("initial_state")
     got, last = selective_scan_triton(**x, delta_softplus=True, return_last_state=True, initial_state=h0,
-                                      block_channels=block_channels)
+                                      block_channels=block_channels, kernel="triton")
     want, want_last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True, initial_state=h0)
     assert _rel(got, want) <= 1e-5 and _rel(last, want_last) <= 1e-5
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("chunks", [1, 3, 8])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("with_h0", [False, True])
-def test_triton_scan_in_chunks_side_by_side(chunks, reverse, with_h0):
+def test_triton_scan_in_chunks_side_by_side(kernel, chunks, reverse, with_h0):
     """The sequence cut into pieces scanned in parallel, the state carried between them afterwards."""
-    _need_gpu()
+    _need_gpu(kernel)
     x = _inputs(1, 6, 16, 3001, seed=chunks + 2 * reverse)
     h0 = x.pop("initial_state")
     h0 = h0 if with_h0 else None
     got, last = selective_scan_triton(**x, delta_softplus=True, return_last_state=True, initial_state=h0,
-                                      reverse=reverse, chunks=chunks)
+                                      reverse=reverse, chunks=chunks, kernel=kernel)
     f = {k: (_flip(v) if (reverse and k in ("u", "delta", "B", "C", "z")) else v) for k, v in x.items()}
     want, want_last = selective_scan_ref(**f, delta_softplus=True, return_last_state=True, initial_state=h0)
     if reverse:
