@@ -115,14 +115,11 @@ class Mamba(nn.Module):
 
     def _ssm_inputs(self, x: torch.Tensor):
         """x [B, d_inner, L] (after the conv) -> dt [B, d_inner, L] (no bias), B, C [B, d_state, L]."""
-        batch, _, L = x.shape
-        x_dbl = self.x_proj(x.transpose(1, 2).reshape(batch * L, -1))  # [B L, dt_rank + 2 d_state]
-        dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # As mamba-ssm: weight @ dt^T, so that length is the fastest axis of dt [B, d_inner, L].
-        dt = (self.dt_proj.weight @ dt.t()).view(-1, batch, L).transpose(0, 1)
-        Bm = Bm.view(batch, L, -1).transpose(1, 2).contiguous()
-        Cm = Cm.view(batch, L, -1).transpose(1, 2).contiguous()
-        return dt, Bm, Cm
+        # weight @ x per row: [B, dt_rank + 2 d_state, L] with length the fastest axis, the layout the
+        # scan wants, without transposing a copy of x ([B, d_inner, L]) first
+        x_dbl = self.x_proj.weight @ x
+        dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        return self.dt_proj.weight @ dt, Bm, Cm
 
     def allocate_state(self, batch_size: int, *, device=None, dtype=None) -> MambaState:
         """Zero (conv_state [B, d_inner, d_conv] in the conv's dtype, ssm_state [B, d_inner, d_state] float32)."""
@@ -181,7 +178,7 @@ class Mamba(nn.Module):
         x_in = xz[:, : self.d_inner]
         state_dtype = self.conv1d.weight.dtype if conv_state is None else conv_state.dtype
         prev = x_in.new_zeros(batch, self.d_inner, self.d_conv) if conv_state is None else conv_state.to(x_in.dtype)
-        new_conv = torch.cat([prev, x_in], dim=-1)[..., -self.d_conv:].to(state_dtype)
+        new_conv = torch.cat([prev, x_in[..., -self.d_conv:]], dim=-1)[..., -self.d_conv:].to(state_dtype)
         return out, (new_conv, last)
 
     # -- one position

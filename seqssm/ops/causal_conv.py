@@ -8,7 +8,9 @@ weight [dim, W], bias [dim].
 
 `causal_conv1d_ref` writes the sum over the W taps out (the obviously right version);
 `causal_conv1d_torch` is the same as one grouped F.conv1d (what runs on CPU); `causal_conv1d`
-dispatches to the CUDA kernel of the causal-conv1d package on a GPU (imported on first use).
+dispatches to the CUDA kernel of the causal-conv1d package on a GPU (imported on first use), or,
+where that package is missing and no gradient is needed, to seqssm's Triton kernel
+(seqssm.ops.causal_conv_triton).
 `causal_conv1d_update*` advance a rolling state by one (or a few) positions for recurrent decoding.
 
 Precision: computed in the weight's dtype, returned in x's dtype (as causal-conv1d does).
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from seqssm.ops.backends import resolve_backend
+from seqssm.ops.causal_conv_triton import causal_conv1d_triton, fits_triton_conv, triton_conv_available
 
 ACTIVATIONS = (None, "silu", "swish")
 
@@ -55,6 +58,13 @@ def _padded(x, initial_states, W):
 def _final_states(xp, W):
     """The last W-1 inputs, zero-padded on the left when the input is shorter."""
     return xp[..., xp.shape[-1] - (W - 1):] if W > 1 else xp[..., :0]
+
+
+def _tail_states(x, initial_states, W):
+    """_final_states(_padded(x, initial_states, W), W) without copying the whole input."""
+    if x.shape[-1] >= W - 1:
+        return x[..., x.shape[-1] - (W - 1):]
+    return _final_states(_padded(x, initial_states, W), W)
 
 
 def _activate(out, activation, dtype):
@@ -148,22 +158,38 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
                   *, backend: str = "auto"):
     """The causal convolution on the best available backend; arguments as causal_conv1d_ref.
 
-    On CUDA the kernel gets [initial_states, x] as one input and the first W-1 outputs are dropped
-    (the kernel's own initial_states argument wants a channel-last layout); the final states are
-    the last W-1 inputs, sliced here.
+    On CUDA the causal-conv1d kernel gets [initial_states, x] as one input and the first W-1 outputs
+    are dropped (the kernel's own initial_states argument wants a channel-last layout); without that
+    package, "auto" on a CUDA device with no gradient needed takes seqssm's Triton kernel, which reads
+    x (any strided view) and initial_states in place. The final states are the last W-1 inputs,
+    sliced here.
     """
     which = _resolve(backend, x, weight, "causal_conv1d")
+    if which == "torch" and backend == "auto" and _triton_suits(x, weight, bias, initial_states):
+        which = "triton"
     if which == "torch":
         return causal_conv1d_torch(x, weight, bias, initial_states, return_final_states, activation)
     W = _check(x, weight, bias, initial_states, activation)
-    fn = _kernels()[0]
-    xp = x if initial_states is None else torch.cat([initial_states.to(x.dtype), x], dim=-1)
-    out = fn(xp.contiguous(), weight.contiguous(), bias, activation=activation)
-    if initial_states is not None:
-        out = out[..., W - 1:]
+    if which == "triton":
+        out = causal_conv1d_triton(x, weight, bias, initial_states, activation)
+    else:
+        fn = _kernels()[0]
+        xp = x if initial_states is None else torch.cat([initial_states.to(x.dtype), x], dim=-1)
+        out = fn(xp.contiguous(), weight.contiguous(), bias, activation=activation)
+        if initial_states is not None:
+            out = out[..., W - 1:]
     if not return_final_states:
         return out
-    return out, _final_states(_padded(x, initial_states, W), W)
+    return out, _tail_states(x, initial_states, W)
+
+
+def _triton_suits(x, weight, bias, initial_states) -> bool:
+    """seqssm's Triton kernel can stand in for causal-conv1d's: a CUDA device, Triton, offsets it takes,
+    and no gradient to compute (it has no backward)."""
+    if not (x.is_cuda and triton_conv_available() and fits_triton_conv(x, weight, initial_states)):
+        return False
+    tensors = (x, weight, bias, initial_states)
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, backend: str = "auto"):
