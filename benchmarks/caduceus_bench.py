@@ -310,6 +310,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--parity-length", type=int, default=4096, help="fp32 output comparison length (0: skip)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--profile", action="store_true", help="CUDA kernel profile of seqssm on the first run's shape")
+    ap.add_argument("--profile-ops", action="store_true", help="with --profile: the torch operators too")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -380,10 +381,12 @@ def main(argv=None) -> dict:
         with torch.inference_mode(), ctx:
             model.caduceus.backbone(ids)
             sync(device)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if args.profile_ops else [])
+            with torch.profiler.profile(activities=acts) as prof:
                 model.caduceus.backbone(ids)
                 sync(device)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40 if args.profile_ops else 22,
+                                        max_name_column_width=60))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -115,11 +115,13 @@ class Mamba(nn.Module):
 
     def _ssm_inputs(self, x: torch.Tensor):
         """x [B, d_inner, L] (after the conv) -> dt [B, d_inner, L] (no bias), B, C [B, d_state, L]."""
-        # weight @ x per row: [B, dt_rank + 2 d_state, L] with length the fastest axis, the layout the
-        # scan wants, without transposing a copy of x ([B, d_inner, L]) first
-        x_dbl = self.x_proj.weight @ x
+        # weight @ x per row (batched GEMMs, the weight broadcast with batch stride 0): [B, dt_rank +
+        # 2 d_state, L] with length the fastest axis, the layout the scan wants, without a transposed
+        # copy of x ([B, d_inner, L]); torch.matmul would fold the batch into one GEMM over x^T, a copy
+        batch = x.shape[0]
+        x_dbl = torch.bmm(self.x_proj.weight.to(x.dtype).expand(batch, -1, -1), x)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        return self.dt_proj.weight @ dt, Bm, Cm
+        return torch.bmm(self.dt_proj.weight.to(dt.dtype).expand(batch, -1, -1), dt), Bm, Cm
 
     def allocate_state(self, batch_size: int, *, device=None, dtype=None) -> MambaState:
         """Zero (conv_state [B, d_inner, d_conv] in the conv's dtype, ssm_state [B, d_inner, d_state] float32)."""
@@ -171,7 +173,10 @@ class Mamba(nn.Module):
             return_last_state=return_state, initial_state=ssm_state, backend=self.backend,
         )
         y, last = res if return_state else (res, None)
-        out = F.linear(y.transpose(1, 2), w_out, b_out)
+        # out_proj on y [B, d_inner, L] read transposed in place (F.linear would copy y^T to fold the batch)
+        out = torch.bmm(y.transpose(1, 2), w_out.t().to(y.dtype).expand(batch, -1, -1))
+        if b_out is not None:
+            out = out + b_out.to(out.dtype)
         if not return_state:
             return out
         # The conv state after the window: the last d_conv inputs of [previous inputs, this window].

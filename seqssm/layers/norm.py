@@ -21,8 +21,9 @@ mamba-ssm has two implementations of this, and checkpoints were trained with one
 In float32 both give the same numbers; in bf16/fp16 they differ in rounding only.
 `add_norm(..., fused=...)` reproduces either. With fused=True on a CUDA tensor it calls that very
 Triton kernel of mamba-ssm when it is installed (one pass over x and r instead of some ten
-elementwise torch kernels over float32 copies), else computes the same in torch
-(backend="torch" forces the torch path; the GPU tests compare the two). RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight,
+elementwise torch kernels over float32 copies); without mamba-ssm and with no gradient needed,
+seqssm's own one-pass Triton kernel (seqssm.ops.add_norm_triton); else it computes the same in
+torch (backend="torch" forces the torch path; the GPU tests compare them). RMSNorm(x) = x / sqrt(mean(x^2) + eps) * weight,
 computed in float32 and returned in x's dtype (mamba-ssm's RMSNorm module; no bias, so its state
 dict has `weight` only). LayerNorm is torch.nn.LayerNorm (state dict `weight`, `bias`).
 """
@@ -34,6 +35,8 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from seqssm.ops.add_norm_triton import add_norm_triton, fits_triton_norm, triton_norm_available
 
 
 class RMSNorm(nn.Module):
@@ -91,6 +94,17 @@ def _norm_kernels():
     return None
 
 
+def _triton_suits(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module) -> bool:
+    """seqssm's Triton kernel can stand in for mamba-ssm's: a CUDA device, Triton, inputs it reads in
+    place, a norm over the last axis, and no gradient to compute (it has no backward)."""
+    if not (x.is_cuda and triton_norm_available() and fits_triton_norm(x, residual)):
+        return False
+    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) != 1:
+        return False
+    tensors = (x, residual, norm.weight, norm.bias)
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def _use_kernel(backend: str, x: torch.Tensor, norm: nn.Module) -> bool:
     if backend not in ("auto", "torch", "cuda"):
         raise ValueError(f"add_norm: backend must be auto, torch or cuda, got {backend!r}")
@@ -139,6 +153,12 @@ def add_norm(
         fn = rms_norm_fn if isinstance(norm, RMSNorm) else layer_norm_fn
         w, b = _affine(norm, flip_weight)
         return fn(x, w, b, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32, eps=norm.eps)
+    if fused and backend == "auto" and _triton_suits(x, residual, norm):
+        w, b = _affine(norm, flip_weight)
+        res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
+        out, new_residual = add_norm_triton(x, residual, w, b, norm.eps, isinstance(norm, RMSNorm), res_dtype,
+                                            store_residual=prenorm)
+        return (out, new_residual) if prenorm else out
     if fused:
         s = x.float() if residual is None else x.float() + residual.float()
         out = norm_float32(s, norm, flip_weight).to(x.dtype)
