@@ -65,7 +65,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, e
 def _affine(norm: nn.Module, flip_weight: bool):
     """norm's (weight, bias), channel-reversed when flip_weight."""
     w, b = norm.weight, norm.bias
-    if flip_weight:
+    if flip_weight and w is not None:
         w = w.flip(-1)
         b = None if b is None else b.flip(-1)
     return w, b
@@ -77,8 +77,8 @@ def norm_float32(s: torch.Tensor, norm: nn.Module, flip_weight: bool = False) ->
     bias = None if b is None else b.float()
     if isinstance(norm, RMSNorm):
         return rms_norm(s, w.float(), bias, norm.eps)
-    if isinstance(norm, nn.LayerNorm):
-        return F.layer_norm(s, norm.normalized_shape, w.float(), bias, norm.eps)
+    if isinstance(norm, nn.LayerNorm):  # elementwise_affine=False: no weight, no bias
+        return F.layer_norm(s, norm.normalized_shape, None if w is None else w.float(), bias, norm.eps)
     raise TypeError(f"add_norm: expected an RMSNorm or nn.LayerNorm, got {type(norm).__name__}")
 
 
