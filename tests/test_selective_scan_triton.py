@@ -242,3 +242,24 @@ def test_dispatch_to_the_triton_scan_without_a_gpu(monkeypatch):
         selective_scan(*x, backend="triton")
     with pytest.raises(ValueError, match="A must be"):  # shapes are checked before the kernel is called
         selective_scan(*x[:2], -torch.rand(3, 16), *x[3:], backend="triton")
+
+
+def test_an_initial_state_goes_to_the_gluon_kernel_even_with_mamba_ssm(monkeypatch):
+    """mamba-ssm's kernel has no initial-state input: with one given (and no gradient), auto takes the
+    Gluon kernel; without one, mamba-ssm's (GPU facts stubbed)."""
+    calls = []
+    monkeypatch.setattr(ss, "_mamba_scan_kernel", lambda: object())
+    monkeypatch.setattr(ss, "_resolve", lambda backend, *a, **k: "cuda" if backend == "auto" else backend)
+    monkeypatch.setattr(ss, "_scan_with_kernel", lambda *a, **k: calls.append("cuda") or "cuda")
+    monkeypatch.setattr(ss, "selective_scan_triton", lambda *a, **k: calls.append("triton") or "triton")
+    monkeypatch.setattr(ss, "_triton_suits", lambda *a: True)
+    monkeypatch.setattr(ss, "_gluon_kernel", lambda: object())
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 4, 9, generator=g), torch.rand(1, 4, 9, generator=g), -torch.rand(4, 16, generator=g),
+         torch.randn(1, 16, 9, generator=g), torch.randn(1, 16, 9, generator=g))
+    h0 = torch.randn(1, 4, 16, generator=g)
+    assert selective_scan(*x) == "cuda" and selective_scan(*x, initial_state=h0) == "triton"
+    assert selective_scan(*x, initial_state=h0, backend="cuda") == "cuda"  # an explicit backend is obeyed
+    monkeypatch.setattr(ss, "_gluon_kernel", lambda: None)  # the plain Triton kernel is no faster than mamba-ssm's
+    assert selective_scan(*x, initial_state=h0) == "cuda"
+    assert calls == ["cuda", "triton", "cuda", "cuda"]

@@ -56,7 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from seqssm.ops.backends import resolve_backend
-from seqssm.ops.selective_scan_triton import fits_triton_scan, selective_scan_triton, triton_scan_available
+from seqssm.ops.selective_scan_triton import (_gluon_kernel, fits_triton_scan, selective_scan_triton,
+                                             triton_scan_available)
 
 
 # One chunk's [batch, dim, positions, dstate] tensors hold about this many numbers (4 MB in float32).
@@ -519,8 +520,10 @@ def selective_scan(
     backend "torch": selective_scan_torch; "cuda": mamba-ssm's kernel (tensors on a GPU, mamba-ssm
     installed; an initial state is added by linearity, see _scan_with_kernel; as in mamba-ssm, no
     gradient flows back from the returned last state); "auto": cuda when the tensors are on a CUDA
-    device and the kernel imports; else, on a CUDA device with no gradient needed, seqssm's own
-    Triton kernel (seqssm.ops.selective_scan_triton: inference without mamba-ssm); else torch.
+    device and the kernel imports (but seqssm's Gluon kernel when an initial state is given and no
+    gradient is needed: it starts from the state, mamba-ssm's kernel cannot); else, on a CUDA device
+    with no gradient needed, seqssm's own Triton kernel (seqssm.ops.selective_scan_triton: inference
+    without mamba-ssm); else torch.
     "triton": that Triton kernel (CUDA tensors, Triton installed, no gradient needed).
     """
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -529,6 +532,12 @@ def selective_scan(
     else:
         which = _resolve(backend, u, _mamba_scan_kernel, "selective_scan")
         if which == "torch" and backend == "auto" and _triton_suits(*args):
+            which = "triton"
+        elif (which == "cuda" and backend == "auto" and initial_state is not None and _gluon_kernel() is not None
+              and _triton_suits(*args)):
+            # mamba-ssm's kernel has no initial-state input (its share is added afterwards, by
+            # linearity); the Gluon kernel starts from it (a 1M-token Caduceus window in pieces:
+            # docs/BENCHMARKS.md)
             which = "triton"
     if which == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
