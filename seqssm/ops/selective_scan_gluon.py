@@ -21,8 +21,8 @@ so picking one position's column out of a tile costs a masked reduction across l
 - each tile's loads are issued one tile ahead of its use.
 
 Measured on an H100 (8 x 512 channels x 131,072 positions, dstate 16, bf16, docs/BENCHMARKS.md):
-11.2 ms, against 17.3 ms for the plain Triton kernel and 11.5 ms for mamba-ssm's CUDA kernel in the
-same call; batch 1 in 16 chunks 2.0 ms against 8.7 ms. exp2 and log2 use the approximate
+11.2-11.4 ms, against 17.3-17.6 ms for the plain Triton kernel and 11.5 ms for mamba-ssm's CUDA kernel
+in the same calls; batch 1 in 16-17 chunks 2.0-2.2 ms against 8.6 ms (mamba-ssm: 1.6 ms). exp2 and log2 use the approximate
 special-function instructions (relative error ~1e-7, inside the float32 tests' 1e-5).
 """
 

@@ -20,8 +20,8 @@ dstate 16, 131,072 positions, bf16: batch 8 15.8-17.8 ms, against 11.6 ms for ma
 
 Where Triton has Gluon (its explicit-layout dialect; Triton 3.6), the same recurrence runs in the
 kernel of `seqssm.ops.selective_scan_gluon` instead, which fixes the data layout so that stepping
-between positions is a register rename: 11.2 ms at batch 8 (1.55x faster than this file's kernel,
-on par with mamba-ssm's 11.5 ms) and 2.0 ms at batch 1. This file's kernel stays as the fallback for
+between positions is a register rename: 11.2-11.4 ms at batch 8 (1.55x faster than this file's
+kernel, on par with mamba-ssm's 11.5 ms) and 2.0-2.2 ms at batch 1. This file's kernel stays as the fallback for
 Triton without Gluon and for dstate above 128; `kernel="triton"` / `"gluon"` picks one explicitly.
 
 No backward: `selective_scan` uses it only when no gradient is needed (training without mamba-ssm
