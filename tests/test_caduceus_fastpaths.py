@@ -90,6 +90,11 @@ def test_bimamba_forward_rc_and_rcps_wrapper(kw):
         wrapper = RCPSWrapper(bi)
         x = torch.randn(2, 30, 32)
         assert rel(wrapper(x), wrapper.forward_ref(x)) <= 1e-6
+        # both strands as one batch (what CUDA inference on the Triton scan does) gives the same
+        wrapper.batch_strands = True
+        assert rel(wrapper(x), wrapper.forward_ref(x)) <= 1e-6
+        wrapper.batch_strands = None
+        assert not wrapper._batch_strands(x)  # auto: not on the CPU
     # gradients flow through the reversed weights like through the reversed activations
     x = torch.randn(1, 12, 32)
     w = torch.randn(1, 12, 32)
@@ -99,3 +104,23 @@ def test_bimamba_forward_rc_and_rcps_wrapper(kw):
         (fn(x) * w).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in bi.parameters()]))
     assert rel(grads[0], grads[1]) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_strands_batched_on_the_triton_scan_equal_the_two_calls(monkeypatch):
+    """CUDA inference without mamba-ssm runs both strands as one batch (auto); same output as two calls."""
+    import seqssm.ops.selective_scan as ss
+    from seqssm.ops.selective_scan_triton import triton_scan_available
+
+    if not triton_scan_available():
+        pytest.skip("needs a CUDA GPU and Triton")
+    monkeypatch.setattr(ss, "_mamba_scan_kernel", lambda: None)  # as without mamba-ssm
+    torch.manual_seed(5)
+    wrapper = RCPSWrapper(randomized(BiMambaWrapper(32, d_state=16), seed=5)).cuda()
+    x = torch.randn(3, 700, 64, device="cuda")
+    with torch.inference_mode():
+        assert wrapper._batch_strands(x)
+        batched = wrapper(x)
+        wrapper.batch_strands = False
+        separate = wrapper(x)
+    assert rel(batched, separate) <= 1e-5 and rel(batched, wrapper.forward_ref(x)) <= 1e-5

@@ -75,29 +75,29 @@ def _as(x, like):
 
 
 @gluon.jit
+def _chain8(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, h):
+    """h <- a_i * h + b_i for i = 0..7 in this order; returns the 8 states."""
+    h0 = _as(a0, h) * h + _as(b0, h)
+    h1 = _as(a1, h) * h0 + _as(b1, h)
+    h2 = _as(a2, h) * h1 + _as(b2, h)
+    h3 = _as(a3, h) * h2 + _as(b3, h)
+    h4 = _as(a4, h) * h3 + _as(b4, h)
+    h5 = _as(a5, h) * h4 + _as(b5, h)
+    h6 = _as(a6, h) * h5 + _as(b6, h)
+    h7 = _as(a7, h) * h6 + _as(b7, h)
+    return h0, h1, h2, h3, h4, h5, h6, h7
+
+
+@gluon.jit
 def _walk8(a, b, h, REVERSE: gl.constexpr):
     """h <- a[t] * h + b[t] for the tile's 8 positions in order (or reversed); returns (h at each position, last h)."""
     a0, a1, a2, a3, a4, a5, a6, a7 = _unstack8(a)
     b0, b1, b2, b3, b4, b5, b6, b7 = _unstack8(b)
     if REVERSE:
-        h7 = _as(a7, h) * h + _as(b7, h)
-        h6 = _as(a6, h) * h7 + _as(b6, h)
-        h5 = _as(a5, h) * h6 + _as(b5, h)
-        h4 = _as(a4, h) * h5 + _as(b4, h)
-        h3 = _as(a3, h) * h4 + _as(b3, h)
-        h2 = _as(a2, h) * h3 + _as(b2, h)
-        h1 = _as(a1, h) * h2 + _as(b1, h)
-        h0 = _as(a0, h) * h1 + _as(b0, h)
+        h7, h6, h5, h4, h3, h2, h1, h0 = _chain8(a7, a6, a5, a4, a3, a2, a1, a0, b7, b6, b5, b4, b3, b2, b1, b0, h)
         last = h0
     else:
-        h0 = _as(a0, h) * h + _as(b0, h)
-        h1 = _as(a1, h) * h0 + _as(b1, h)
-        h2 = _as(a2, h) * h1 + _as(b2, h)
-        h3 = _as(a3, h) * h2 + _as(b3, h)
-        h4 = _as(a4, h) * h3 + _as(b4, h)
-        h5 = _as(a5, h) * h4 + _as(b5, h)
-        h6 = _as(a6, h) * h5 + _as(b6, h)
-        h7 = _as(a7, h) * h6 + _as(b7, h)
+        h0, h1, h2, h3, h4, h5, h6, h7 = _chain8(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, h)
         last = h7
     return _as(_stack8(h0, h1, h2, h3, h4, h5, h6, h7), a), last
 
