@@ -15,8 +15,8 @@ For each batch element b, channel d and state index n (shapes as in mamba-ssm):
 `selective_scan_ref` is that recurrence written as a Python loop over positions (the obviously
 right version, for tests). `selective_scan_torch` computes the same thing chunk by chunk and is
 what runs on CPU; `selective_scan` picks the CUDA kernel of mamba-ssm on a GPU, seqssm's Triton
-kernel (seqssm.ops.selective_scan_triton) for inference on a GPU without mamba-ssm, and the torch
-version elsewhere. `selective_state_update*` is one step of the recurrence (recurrent inference).
+kernel (seqssm.ops.selective_scan_triton) for inference on a GPU without mamba-ssm (and, with it,
+for inference that starts from a state), and the torch version elsewhere. `selective_state_update*` is one step of the recurrence (recurrent inference).
 
 How selective_scan_torch works. The sequence is cut into chunks (default: as many positions as
 keep one chunk's [batch, dim, positions, dstate] tensors near 1M numbers, 4 MB, so that they stay
