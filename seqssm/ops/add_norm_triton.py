@@ -14,6 +14,8 @@ import functools
 
 import torch
 
+from seqssm.ops.selective_scan_triton import _offsets_fit
+
 MAX_WIDTH = 16384  # channels held in one program's registers
 
 
@@ -71,8 +73,6 @@ def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
 def fits_triton_norm(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """CUDA tensors this kernel reads in place: unit channel stride, rows as one strided axis, and
     offsets within 32 bits."""
-    from seqssm.ops.selective_scan_triton import _offsets_fit
-
     if not x.is_cuda or x.shape[-1] > MAX_WIDTH or x.numel() == 0 or _rows(x) is None:
         return False
     if residual is not None and (residual.shape != x.shape or _rows(residual) is None):

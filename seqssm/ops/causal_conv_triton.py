@@ -15,6 +15,8 @@ import functools
 
 import torch
 
+from seqssm.ops.selective_scan_triton import _offsets_fit
+
 BLOCK_CHANNELS = 4
 BLOCK_POSITIONS = 512
 
@@ -67,8 +69,6 @@ def triton_conv_available() -> bool:
 
 def fits_triton_conv(x: torch.Tensor, weight: torch.Tensor, initial_states=None) -> bool:
     """CUDA tensors whose element offsets fit in 32 bits (the kernel's pointer arithmetic)."""
-    from seqssm.ops.selective_scan_triton import _offsets_fit
-
     return x.is_cuda and weight.is_cuda and _offsets_fit(x, *(t for t in (initial_states,) if t is not None))
 
 
