@@ -2,7 +2,8 @@
 
 rcps_fused_add_norm vs rcps_fused_add_norm_ref (reversed-weight norm instead of reversed
 activations), Mamba(flip_channels=True) vs flipC(Mamba(flipC(x))), BiMambaWrapper.forward_rc vs
-flipLC(f(flipLC(b))), RCPSWrapper.forward vs forward_ref.
+flipLC(f(flipLC(b))), RCPSWrapper.forward vs forward_ref; BiMambaWrapper's inference path (shared
+projections, the backward direction read in place) vs the two whole Mambas with literal flips.
 """
 
 import pytest
@@ -124,3 +125,68 @@ def test_strands_batched_on_the_triton_scan_equal_the_two_calls(monkeypatch):
         wrapper.batch_strands = False
         separate = wrapper(x)
     assert rel(batched, separate) <= 1e-5 and rel(batched, wrapper.forward_ref(x)) <= 1e-5
+
+
+def _unfused(monkeypatch):
+    """Switch BiMambaWrapper's shared-projection inference path off (each Mamba whole, flips literal)."""
+    monkeypatch.setattr(BiMambaWrapper, "_fused", lambda self, x: False)
+
+
+@pytest.mark.parametrize("strategy", ["add", "ew_multiply"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bimamba_fused_inference_equals_the_two_whole_mambas(strategy, bias, monkeypatch):
+    """Inference shares the tied in_proj / out_proj between the directions and reads the backward one
+    right to left in place; forward and forward_rc equal the literal two-Mamba formula."""
+    torch.manual_seed(7)
+    bi = randomized(BiMambaWrapper(16, d_state=8, bidirectional_strategy=strategy, bias=bias), seed=7)
+    h = torch.randn(2, 45, 16)
+    calls = []
+    real = BiMambaWrapper._forward_fused
+    monkeypatch.setattr(BiMambaWrapper, "_forward_fused", lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
+    with torch.no_grad():
+        fused, fused_rc = bi(h), bi.forward_rc(h)
+    assert calls == [{}, {"flip_channels": True, "swap": True}]
+    with torch.no_grad():
+        _unfused(monkeypatch)
+        want, want_rc = bi(h), bi.forward_rc(h)
+    assert rel(fused, want) <= 1e-6 and rel(fused_rc, want_rc) <= 1e-6
+    with torch.no_grad():
+        assert rel(fused_rc, flip_lc(bi(flip_lc(h)))) <= 1e-6
+
+
+def test_bimamba_fused_path_only_for_tied_inference():
+    torch.manual_seed(8)
+    h = torch.randn(1, 10, 16)
+    tied = BiMambaWrapper(16, d_state=4)
+    untied = BiMambaWrapper(16, d_state=4, bidirectional_weight_tie=False)
+    with torch.no_grad():
+        assert tied._fused(h) and not untied._fused(h)
+    assert not tied._fused(h)  # gradients wanted: the autograd path
+    with torch.no_grad():
+        assert not BiMambaWrapper(16, d_state=4, bidirectional=False)._fused(h)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strategy", ["add", "ew_multiply"])
+def test_bimamba_fused_on_the_triton_kernels_equals_torch(dtype, strategy, monkeypatch):
+    """On a GPU the backward direction runs in the Triton conv and scan kernels (reverse=True): against
+    the unfused torch path, float32 within 1e-5 and bfloat16 within 1e-2."""
+    from seqssm.ops.selective_scan_triton import triton_scan_available
+
+    if not triton_scan_available():
+        pytest.skip("needs a CUDA GPU and Triton")
+    torch.manual_seed(9)
+    bi = randomized(BiMambaWrapper(32, d_state=16, bidirectional_strategy=strategy), seed=9).cuda()
+    for m in (bi.mamba_fwd, bi.mamba_rev):
+        m.backend = "triton"
+    h = torch.randn(2, 1500, 32, device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        got, got_rc = bi(h), bi.forward_rc(h)
+    for m in (bi.mamba_fwd, bi.mamba_rev):
+        m.backend = "torch"
+    _unfused(monkeypatch)
+    with torch.inference_mode():
+        want, want_rc = bi(h), bi.forward_rc(h)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(got.float(), want) <= tol and rel(got_rc.float(), want_rc) <= tol

@@ -104,3 +104,36 @@ def test_dispatch_to_the_triton_conv_without_a_gpu(monkeypatch):
     assert torch.allclose(causal_conv1d(x, w, b, h0), causal_conv1d_ref(x, w, b, h0), atol=1e-6) and len(calls) == 1
     with pytest.raises((RuntimeError, ValueError)):  # CPU tensors, or no Triton
         causal_conv1d_triton(x, w, b, h0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("L", [1, 3, 777])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_reverse_conv_equals_the_flipped_reference(W, L, dtype):
+    """reverse=True: the anti-causal convolution, flip(conv(flip(x))), read from the strided view in place."""
+    _need_gpu()
+    x, w, b, _ = _inputs(2, 37, L, W, seed=W * 7 + L, dtype=dtype)
+    got = causal_conv1d_triton(x, w, b, None, "silu", reverse=True)
+    want = causal_conv1d_ref(x.float().flip(-1), w.float(), b.float(), activation="silu").flip(-1)
+    assert got.dtype == dtype and _rel(got, want) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    assert _rel(causal_conv1d(x, w, b, activation="silu", reverse=True), want) <= (1e-5 if dtype == torch.float32
+                                                                                    else 1e-2)
+
+
+def test_reverse_conv_dispatch(monkeypatch):
+    """reverse=True goes to the Triton kernel where it suits (even with causal-conv1d: the flips cost
+    more than the kernels differ), else through flips; it takes no states (GPU facts stubbed)."""
+    x, w, b, h0 = _inputs(1, 4, 9, 4, seed=1, device="cpu")
+    want = causal_conv1d_ref(x.flip(-1), w, b, activation="silu").flip(-1)
+    assert torch.allclose(causal_conv1d(x, w, b, activation="silu", reverse=True), want, atol=1e-6)
+    with pytest.raises(ValueError, match="reverse=True"):
+        causal_conv1d(x, w, b, h0, reverse=True)
+    with pytest.raises(ValueError, match="reverse=True"):
+        causal_conv1d(x, w, b, return_final_states=True, reverse=True)
+    calls = []
+    monkeypatch.setattr(cc, "_resolve", lambda backend, *a: "cuda" if backend == "auto" else backend)
+    monkeypatch.setattr(cc, "_triton_suits", lambda *a: True)
+    monkeypatch.setattr(cc, "causal_conv1d_triton", lambda *a, **k: calls.append(k) or "triton")
+    assert causal_conv1d(x, w, b, activation="silu", reverse=True) == "triton" and calls == [{"reverse": True}]
+    assert torch.allclose(causal_conv1d(x, w, b, activation="silu", reverse=True, backend="torch"), want, atol=1e-6)

@@ -131,6 +131,57 @@ class Mamba(nn.Module):
         ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)
         return conv_state, ssm_state
 
+    # -- the three parts of forward (a bidirectional wrapper shares the projections between directions)
+    def projections(self, flip_channels: bool = False):
+        """(in_proj weight, out_proj weight, out_proj bias), channel-reversed for flip_channels."""
+        w_in, w_out, b_out = self.in_proj.weight, self.out_proj.weight, self.out_proj.bias
+        if flip_channels:
+            w_in, w_out = w_in.flip(1), w_out.flip(0)
+            b_out = None if b_out is None else b_out.flip(0)
+        return w_in, w_out, b_out
+
+    def project_in(self, hidden_states: torch.Tensor, w_in: torch.Tensor) -> torch.Tensor:
+        """[B, L, d_model] -> xz [B, 2 d_inner, L]."""
+        batch, L, _ = hidden_states.shape
+        # in_proj as mamba-ssm computes it: weight @ hidden^T, giving [B, 2 d_inner, L] with length
+        # the fastest axis (the layout the conv and scan kernels want).
+        xz = (w_in @ hidden_states.reshape(batch * L, -1).t()).view(-1, batch, L).transpose(0, 1)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
+        return xz
+
+    def mix(self, xz: torch.Tensor, state: MambaState | None = None, return_state: bool = False,
+            reverse: bool = False):
+        """xz [B, 2 d_inner, L] -> y [B, d_inner, L]: conv, SiLU, the selective scan gated by z (and the
+        SSM state after the window with return_state). reverse: the same read from the last position
+        to the first (anti-causal conv, scan run backwards), equal to flipping xz along the length and
+        the result back, without those copies (a bidirectional mixer's backward direction)."""
+        x, z = xz.chunk(2, dim=1)
+        conv_state, ssm_state = (None, None) if state is None else state
+        if reverse and state is not None:
+            raise ValueError("Mamba.mix: reverse=True starts from no state")
+        init = None if conv_state is None else conv_state[..., conv_state.shape[-1] - (self.d_conv - 1):]
+        x = causal_conv1d(x, self._conv_weight(), self.conv1d.bias, initial_states=init,
+                          activation="silu", backend=self._kernel_backend(), reverse=reverse)
+        dt, Bm, Cm = self._ssm_inputs(x)
+        A = -torch.exp(self.A_log.float())
+        return selective_scan(
+            x, dt, A, Bm, Cm, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            return_last_state=return_state, initial_state=ssm_state, backend=self.backend, reverse=reverse,
+        )
+
+    def project_out(self, y: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor | None,
+                    accumulate: torch.Tensor | None = None) -> torch.Tensor:
+        """y [B, d_inner, L] -> [B, L, d_model] (plus b_out); with `accumulate`, y's projection is added
+        to that tensor in place (by the matmul) and it is returned, without the bias."""
+        batch = y.shape[0]
+        # out_proj on y read transposed in place (F.linear would copy y^T to fold the batch)
+        w = w_out.t().to(y.dtype).expand(batch, -1, -1)
+        if accumulate is not None:
+            return accumulate.baddbmm_(y.transpose(1, 2), w)
+        out = torch.bmm(y.transpose(1, 2), w)
+        return out if b_out is None else out + b_out.to(out.dtype)
+
     # -- whole sequences
     def forward(self, hidden_states: torch.Tensor, state: MambaState | None = None, return_state: bool = False,
                 flip_channels: bool = False):
@@ -146,15 +197,8 @@ class Mamba(nn.Module):
         batch, L, _ = hidden_states.shape
         if L == 0:
             raise ValueError("Mamba: empty sequence (length 0)")
-        w_in, w_out, b_out = self.in_proj.weight, self.out_proj.weight, self.out_proj.bias
-        if flip_channels:
-            w_in, w_out = w_in.flip(1), w_out.flip(0)
-            b_out = None if b_out is None else b_out.flip(0)
-        # in_proj as mamba-ssm computes it: weight @ hidden^T, giving [B, 2 d_inner, L] with length
-        # the fastest axis (the layout the conv and scan kernels want).
-        xz = (w_in @ hidden_states.reshape(batch * L, -1).t()).view(-1, batch, L).transpose(0, 1)
-        if self.in_proj.bias is not None:
-            xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
+        w_in, w_out, b_out = self.projections(flip_channels)
+        xz = self.project_in(hidden_states, w_in)
         A = -torch.exp(self.A_log.float())  # [d_inner, d_state]
 
         if state is None and not return_state and self.use_fast_path and scan_backend(self.backend, xz) == "cuda":
@@ -162,23 +206,12 @@ class Mamba(nn.Module):
             if fast is not None:
                 return fast
 
-        x, z = xz.chunk(2, dim=1)
-        conv_state, ssm_state = (None, None) if state is None else state
-        init = None if conv_state is None else conv_state[..., conv_state.shape[-1] - (self.d_conv - 1):]
-        x = causal_conv1d(x, self._conv_weight(), self.conv1d.bias, initial_states=init,
-                          activation="silu", backend=self._kernel_backend())
-        dt, Bm, Cm = self._ssm_inputs(x)
-        res = selective_scan(
-            x, dt, A, Bm, Cm, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            return_last_state=return_state, initial_state=ssm_state, backend=self.backend,
-        )
+        res = self.mix(xz, state=state, return_state=return_state)
         y, last = res if return_state else (res, None)
-        # out_proj on y [B, d_inner, L] read transposed in place (F.linear would copy y^T to fold the batch)
-        out = torch.bmm(y.transpose(1, 2), w_out.t().to(y.dtype).expand(batch, -1, -1))
-        if b_out is not None:
-            out = out + b_out.to(out.dtype)
+        out = self.project_out(y, w_out, b_out)
         if not return_state:
             return out
+        conv_state = None if state is None else state[0]
         # The conv state after the window: the last d_conv inputs of [previous inputs, this window].
         x_in = xz[:, : self.d_inner]
         state_dtype = self.conv1d.weight.dtype if conv_state is None else conv_state.dtype

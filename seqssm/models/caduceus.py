@@ -91,6 +91,7 @@ import torch.nn as nn
 from seqssm.errors import SeqssmError
 from seqssm.layers.mamba import Block, Mamba, MambaState
 from seqssm.layers.norm import RMSNorm, add_norm
+from seqssm.ops.selective_scan import scan_backend
 from seqssm.models.io import _read_json, _read_safetensors, _read_torch, load_matching_state
 from seqssm.layers.rcps import (
     RCPSAddNormWrapper,
@@ -269,6 +270,8 @@ class BiMambaWrapper(nn.Module):
                 _scan_in_pieces(self.mamba_rev, hidden_states, self.piece_length, reverse=True, into=out,
                                 combine=self.bidirectional_strategy)
             return out
+        if lengths is None and self._fused(hidden_states):
+            return self._forward_fused(hidden_states)
         out = self.mamba_fwd(hidden_states)
         if self.bidirectional:
             rev = _flip_rows(self.mamba_rev(_flip_rows(hidden_states, lengths)), lengths)
@@ -300,11 +303,44 @@ class BiMambaWrapper(nn.Module):
                 _scan_in_pieces(self.mamba_rev, b, self.piece_length, flip_channels=True, into=out,
                                 combine=self.bidirectional_strategy)
             return out
+        if lengths is None and self._fused(b):
+            return self._forward_fused(b, flip_channels=True, swap=True)
         out = _flip_rows(self.mamba_fwd(_flip_rows(b, lengths), flip_channels=True), lengths)
         if self.bidirectional:
             rev = self.mamba_rev(b, flip_channels=True)
             out = out + rev if self.bidirectional_strategy == "add" else out * rev
         return out
+
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether inference takes _forward_fused: both directions share in_proj / out_proj (weight
+        tying, as in Caduceus), no gradient is needed, and the scans do not go to mamba-ssm's fused
+        kernel (which has no backward direction; there each Mamba runs whole, as before)."""
+        f, r = self.mamba_fwd, self.mamba_rev
+        return (self.bidirectional and not torch.is_grad_enabled() and r.in_proj.weight is f.in_proj.weight
+                and r.in_proj.bias is f.in_proj.bias and r.out_proj.weight is f.out_proj.weight
+                and r.out_proj.bias is f.out_proj.bias and r.backend == f.backend
+                and not (f.use_fast_path and scan_backend(f.backend, x) == "cuda"))
+
+    def _forward_fused(self, h: torch.Tensor, flip_channels: bool = False, swap: bool = False) -> torch.Tensor:
+        """forward(h) (swap=False) or, with flip_channels and swap, forward_rc(h), sharing the tied
+        projections: in_proj once for both directions, the backward direction read right to left in
+        place (Mamba.mix(reverse=True): no flipped copies), and for "add" out_proj(y_fwd) + out_proj(y_rev)
+        summed by the second matmul. swap runs mamba_fwd backwards and mamba_rev forwards."""
+        f, r = self.mamba_fwd, self.mamba_rev
+        w_in, w_out, b_out = f.projections(flip_channels)
+        xz = f.project_in(h, w_in)
+        y_f = f.mix(xz, reverse=swap)
+        y_r = r.mix(xz, reverse=not swap)
+        del xz
+        if self.bidirectional_strategy == "add":
+            out = f.project_out(y_f, w_out, None)
+            del y_f
+            f.project_out(y_r, w_out, None, accumulate=out)
+            return out if b_out is None else out.add_(2 * b_out.to(out.dtype))
+        out = f.project_out(y_f, w_out, b_out)
+        del y_f
+        return out.mul_(f.project_out(y_r, w_out, b_out))
 
 
 def _scan_in_pieces(mamba, x: torch.Tensor, piece: int, *, reverse: bool = False, flip_channels: bool = False,

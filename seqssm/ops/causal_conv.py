@@ -155,7 +155,7 @@ def _resolve(backend, x, weight, what) -> str:
 
 
 def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None,
-                  *, backend: str = "auto"):
+                  *, backend: str = "auto", reverse: bool = False):
     """The causal convolution on the best available backend; arguments as causal_conv1d_ref.
 
     On CUDA the causal-conv1d kernel gets [initial_states, x] as one input and the first W-1 outputs
@@ -163,7 +163,19 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
     package, "auto" on a CUDA device with no gradient needed takes seqssm's Triton kernel, which reads
     x (any strided view) and initial_states in place. The final states are the last W-1 inputs,
     sliced here.
+
+    reverse=True: the anti-causal convolution flip(conv(flip(x))) along the length (the backward
+    direction of a bidirectional mixer); the Triton kernel computes it in place, the other backends
+    through the two flips. It takes no initial or final states.
     """
+    if reverse:
+        if initial_states is not None or return_final_states:
+            raise ValueError("causal_conv1d: reverse=True takes no initial_states and returns no final states")
+        which = _resolve(backend, x, weight, "causal_conv1d")
+        if backend == "auto" and _triton_suits(x, weight, bias, None):  # even where causal-conv1d is installed
+            _check(x, weight, bias, None, activation)
+            return causal_conv1d_triton(x, weight, bias, None, activation, reverse=True)
+        return causal_conv1d(x.flip(-1), weight, bias, activation=activation, backend=backend).flip(-1)
     which = _resolve(backend, x, weight, "causal_conv1d")
     if which == "torch" and backend == "auto" and _triton_suits(x, weight, bias, initial_states):
         which = "triton"

@@ -33,7 +33,7 @@ def _kernel():
     @triton.jit
     def conv_kernel(x_ptr, w_ptr, b_ptr, init_ptr, out_ptr, dim, L, s_x_b, s_x_d, s_x_l, s_i_b, s_i_d, s_i_l,
                     W: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_INIT: tl.constexpr, SILU: tl.constexpr):
+                    HAS_INIT: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr):
         b = tl.program_id(2)
         d = tl.program_id(1) * BD + tl.arange(0, BD)
         t = tl.program_id(0) * BL + tl.arange(0, BL)
@@ -43,9 +43,13 @@ def _kernel():
         if HAS_BIAS:
             acc += tl.load(b_ptr + d, mask=md, other=0.0).to(tl.float32)[:, None]
         for k in tl.static_range(W):
-            j = t - (W - 1) + k  # the input position tap k reads
+            if REVERSE:  # anti-causal: the causal conv of the reversed input, reversed back
+                j = t + (W - 1) - k
+                m = md[:, None] & (j < L)[None, :]
+            else:
+                j = t - (W - 1) + k  # the input position tap k reads
+                m = md[:, None] & (mt & (j >= 0))[None, :]
             wk = tl.load(w_ptr + d * W + k, mask=md, other=0.0).to(tl.float32)
-            m = md[:, None] & (mt & (j >= 0))[None, :]
             xv = tl.load(x_ptr + b * s_x_b + d[:, None] * s_x_d + j[None, :] * s_x_l, mask=m, other=0.0)
             xv = xv.to(tl.float32)
             if HAS_INIT:  # positions before the start: initial_states[..., W - 1 + j]
@@ -72,14 +76,17 @@ def fits_triton_conv(x: torch.Tensor, weight: torch.Tensor, initial_states=None)
     return x.is_cuda and weight.is_cuda and _offsets_fit(x, *(t for t in (initial_states,) if t is not None))
 
 
-def causal_conv1d_triton(x, weight, bias=None, initial_states=None, activation=None):
+def causal_conv1d_triton(x, weight, bias=None, initial_states=None, activation=None, *, reverse: bool = False):
     """The convolution (arguments as causal_conv1d_ref, already checked) -> out [batch, dim, L] in x's
-    dtype, contiguous. x may be any strided view; no autograd."""
+    dtype, contiguous. x may be any strided view; no autograd. reverse: the anti-causal convolution,
+    flip(conv(flip(x))) along the length, read and written in place (no initial_states then)."""
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("causal_conv1d_triton needs Triton")
     if not fits_triton_conv(x, weight, initial_states):
         raise ValueError("causal_conv1d_triton: CUDA tensors with offsets below 2^31 elements")
+    if reverse and initial_states is not None:
+        raise ValueError("causal_conv1d_triton: reverse=True takes no initial_states")
     import triton
 
     batch, dim, L = x.shape
@@ -89,5 +96,6 @@ def causal_conv1d_triton(x, weight, bias=None, initial_states=None, activation=N
     grid = (triton.cdiv(L, BLOCK_POSITIONS), triton.cdiv(dim, BLOCK_CHANNELS), batch)
     kernel[grid](x, weight.contiguous(), bias if bias is not None else weight, init, out, dim, L, *x.stride(),
                  *init.stride(), W=W, BD=BLOCK_CHANNELS, BL=BLOCK_POSITIONS, HAS_BIAS=bias is not None,
-                 HAS_INIT=initial_states is not None, SILU=activation in ("silu", "swish"), num_warps=4)
+                 HAS_INIT=initial_states is not None, SILU=activation in ("silu", "swish"), REVERSE=bool(reverse),
+                 num_warps=4)
     return out

@@ -513,9 +513,13 @@ def _triton_suits(u, delta, A, B, C, D, z, delta_bias, initial_state) -> bool:
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-    *, initial_state=None, backend: str = "auto",
+    *, initial_state=None, backend: str = "auto", reverse: bool = False,
 ):
     """The selective scan on the best available backend; arguments as selective_scan_ref.
+
+    reverse=True: the recurrence from the last position to the first, i.e. the scan of the inputs
+    flipped along the length with the output flipped back (the last state is then the state after
+    position 0). The Triton kernel runs it in place; the other backends through those flips.
 
     backend "torch": selective_scan_torch; "cuda": mamba-ssm's kernel (tensors on a GPU, mamba-ssm
     installed; an initial state is added by linearity, see _scan_with_kernel; as in mamba-ssm, no
@@ -527,6 +531,19 @@ def selective_scan(
     "triton": that Triton kernel (CUDA tensors, Triton installed, no gradient needed).
     """
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if reverse and not (backend in ("auto", "triton") and _triton_suits(*args)):
+        if backend == "triton":
+            _check_scan(*args)
+            raise ValueError("selective_scan: backend 'triton' needs tensors on a CUDA device, Triton, B and C of "
+                             "shape [batch, dstate, L], offsets below 2^31 elements, and no gradient")
+        flip = lambda t: None if t is None else t.flip(-1)  # noqa: E731
+        res = selective_scan(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus,
+                             return_last_state, initial_state=initial_state, backend=backend)
+        return (flip(res[0]), res[1]) if return_last_state else flip(res)
+    if reverse:
+        _check_scan(*args)
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     initial_state=initial_state, reverse=True)
     if backend == "triton":
         which = "triton"
     else:
