@@ -312,12 +312,16 @@ class BiMambaWrapper(nn.Module):
         return out
 
 
+    # Inference shares the tied projections between the directions (_forward_fused); False restores
+    # the two whole Mamba calls with flipped copies (the reference it is tested and benchmarked against).
+    share_projections: bool = True
+
     def _fused(self, x: torch.Tensor) -> bool:
         """Whether inference takes _forward_fused: both directions share in_proj / out_proj (weight
         tying, as in Caduceus), no gradient is needed, and the scans do not go to mamba-ssm's fused
         kernel (which has no backward direction; there each Mamba runs whole, as before)."""
         f, r = self.mamba_fwd, self.mamba_rev
-        return (self.bidirectional and not torch.is_grad_enabled() and r.in_proj.weight is f.in_proj.weight
+        return (self.share_projections and self.bidirectional and not torch.is_grad_enabled() and r.in_proj.weight is f.in_proj.weight
                 and r.in_proj.bias is f.in_proj.bias and r.out_proj.weight is f.out_proj.weight
                 and r.out_proj.bias is f.out_proj.bias and r.backend == f.backend
                 and not (f.use_fast_path and scan_backend(f.backend, x) == "cuda"))
