@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from seqssm.models.caduceus import BiMambaWrapper, CaduceusConfig, CaduceusForMaskedLM
+from seqssm.models.caduceus import BiMambaWrapper, CaduceusBackbone, CaduceusConfig, CaduceusForMaskedLM
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REF = REPO / ".ref" / "caduceus"
@@ -308,8 +308,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--parity-length", type=int, default=4096, help="fp32 output comparison length (0: skip)")
-    ap.add_argument("--compare-unshared", action="store_true",
-                    help="also time seqssm with BiMambaWrapper.share_projections off (the session-13 path)")
+    ap.add_argument("--compare-steps", action="store_true",
+                    help="also time seqssm with CaduceusBackbone.strand_major off, and with that and "
+                         "BiMambaWrapper.share_projections off (the session-13 inference path)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--profile", action="store_true", help="CUDA kernel profile of seqssm on the first run's shape")
     ap.add_argument("--profile-ops", action="store_true", help="with --profile: the torch operators too")
@@ -362,8 +363,9 @@ def main(argv=None) -> dict:
                   f"logits {report['parity_fp32']['logits_rel']:.2e} (relative to the largest value)")
 
     impls = [("seqssm", ours32, lambda m: m.caduceus.backbone)]
-    if args.compare_unshared:
-        impls.append(("seqssm-unshared", ours32, lambda m: m.caduceus.backbone))
+    if args.compare_steps:
+        impls.append(("seqssm-per-layer", ours32, lambda m: m.caduceus.backbone))
+        impls.append(("seqssm-s13", ours32, lambda m: m.caduceus.backbone))
     if ref32 is not None:
         impls.append(("reference", ref32, lambda m: (lambda x: reference_hidden(m, x))))
     for dtype, length, batch in runs:
@@ -371,9 +373,10 @@ def main(argv=None) -> dict:
             model = model32
             if dtype == "bf16" and args.bf16 == "cast":
                 model = copy.deepcopy(model32).to(torch.bfloat16)
-            BiMambaWrapper.share_projections = name != "seqssm-unshared"
+            BiMambaWrapper.share_projections = name != "seqssm-s13"
+            CaduceusBackbone.strand_major = name not in ("seqssm-per-layer", "seqssm-s13")
             rec = run_one(name, fn_of(model), dtype, length, batch, device, args, vocab_ids)
-            BiMambaWrapper.share_projections = True
+            BiMambaWrapper.share_projections = CaduceusBackbone.strand_major = True
             report["results"].append(rec)
             if model is not model32:
                 del model

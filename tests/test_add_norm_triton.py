@@ -93,3 +93,29 @@ def test_dispatch_to_the_triton_add_norm_without_a_gpu(monkeypatch):
     assert len(calls) == 2 and out.shape == x.shape and torch.allclose(res, x + r)
     with pytest.raises((RuntimeError, ValueError)):  # CPU tensors, or no Triton
         add_norm_triton(x, r, norm.weight, None, 1e-5, True, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_swap_strands_equals_the_torch_twin(kind, dtype, with_residual):
+    """swap_strands=True (the RCPS blocks' halves exchange in strand-major form) against strands_add_norm_ref."""
+    from seqssm.layers.rcps import strands_add_norm_ref
+
+    if not triton_norm_available():
+        pytest.skip("needs a CUDA GPU and Triton")
+    g = torch.Generator(device="cuda").manual_seed(21)
+    norm = (RMSNorm(48) if kind == "rms" else nn.LayerNorm(48)).cuda()
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(48, device="cuda", generator=g))
+        if norm.bias is not None:
+            norm.bias.add_(0.3 * torch.randn(48, device="cuda", generator=g))
+    x = torch.randn(6, 77, 48, device="cuda", generator=g).to(dtype)
+    r = torch.randn(6, 77, 48, device="cuda", generator=g).to(dtype) if with_residual else None
+    want, want_res = strands_add_norm_ref(x, r, norm, residual_in_fp32=True)
+    got, got_res = add_norm_triton(x, r, norm.weight, norm.bias, norm.eps, kind == "rms", want_res.dtype,
+                                   swap_strands=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == want.dtype and got_res.dtype == want_res.dtype
+    assert _rel(got, want) <= tol and _rel(got_res, want_res) <= 1e-6

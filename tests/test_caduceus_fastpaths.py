@@ -3,7 +3,8 @@
 rcps_fused_add_norm vs rcps_fused_add_norm_ref (reversed-weight norm instead of reversed
 activations), Mamba(flip_channels=True) vs flipC(Mamba(flipC(x))), BiMambaWrapper.forward_rc vs
 flipLC(f(flipLC(b))), RCPSWrapper.forward vs forward_ref; BiMambaWrapper's inference path (shared
-projections, the backward direction read in place) vs the two whole Mambas with literal flips.
+projections, the backward direction read in place) vs the two whole Mambas with literal flips; the
+strand-major stack (state as [2B, L, d], strands_add_norm) vs the layer-by-layer RCPS stack.
 """
 
 import pytest
@@ -12,7 +13,8 @@ import torch.nn as nn
 
 from seqssm.layers.mamba import Mamba
 from seqssm.layers.norm import RMSNorm, add_norm
-from seqssm.layers.rcps import RCPSWrapper, flip_lc, rcps_fused_add_norm, rcps_fused_add_norm_ref
+from seqssm.layers.rcps import (RCPSWrapper, flip_lc, from_strands, rcps_fused_add_norm, rcps_fused_add_norm_ref,
+                                strands_add_norm_ref, to_strands)
 from seqssm.models.caduceus import BiMambaWrapper
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -171,7 +173,8 @@ def test_bimamba_fused_path_only_for_tied_inference():
 @pytest.mark.parametrize("strategy", ["add", "ew_multiply"])
 def test_bimamba_fused_on_the_triton_kernels_equals_torch(dtype, strategy, monkeypatch):
     """On a GPU the backward direction runs in the Triton conv and scan kernels (reverse=True): against
-    the unfused torch path, float32 within 1e-5 and bfloat16 within 1e-2."""
+    the unfused torch path in float32, float32 within 1e-5 and bfloat16 autocast within 1e-2 (relative
+    to the output's norm)."""
     from seqssm.ops.selective_scan_triton import triton_scan_available
 
     if not triton_scan_available():
@@ -189,4 +192,76 @@ def test_bimamba_fused_on_the_triton_kernels_equals_torch(dtype, strategy, monke
     with torch.inference_mode():
         want, want_rc = bi(h), bi.forward_rc(h)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert rel(got.float(), want) <= tol and rel(got_rc.float(), want_rc) <= tol
+    errs = [float((a.float() - b).norm() / b.norm()) for a, b in ((got, want), (got_rc, want_rc))]
+    assert max(errs) <= tol, errs
+
+
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("norm_cls", [RMSNorm, nn.LayerNorm])
+def test_strands_add_norm_is_the_swapping_rcps_add_norm_in_strand_major_form(residual_in_fp32, with_residual,
+                                                                             norm_cls):
+    torch.manual_seed(10)
+    norm = randomized(norm_cls(6), seed=10)
+    x = torch.randn(2, 7, 12)
+    r = torch.randn(2, 7, 12) if with_residual else None
+    out, res = rcps_fused_add_norm(x, r, norm, residual_in_fp32=residual_in_fp32, prenorm=True, swap_halves=True)
+    got, got_res = strands_add_norm_ref(to_strands(x), None if r is None else to_strands(r), norm,
+                                        residual_in_fp32=residual_in_fp32)
+    assert rel(got, to_strands(out)) <= 1e-6 and rel(got_res, to_strands(res)) <= 1e-6
+    assert got_res.dtype == res.dtype and torch.equal(from_strands(to_strands(x)), x)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(fused_add_norm=False), dict(residual_in_fp32=True),
+                                       dict(rms_norm=False, bidirectional_strategy="ew_multiply")])
+def test_strand_major_stack_equals_the_rcps_stack(overrides, monkeypatch):
+    """CaduceusBackbone._forward_strands (the state as [2B, L, d] from embeddings to final norm) against
+    the layer-by-layer RCPS forward, forced on the CPU (on a GPU it is taken where strands are batched)."""
+    from seqssm.models.caduceus import CaduceusBackbone, CaduceusConfig
+
+    torch.manual_seed(11)
+    backbone = randomized(CaduceusBackbone(CaduceusConfig.dna(d_model=16, n_layer=3, **overrides)), seed=11)
+    ids = torch.randint(7, 11, (2, 40))
+    calls = []
+    real = CaduceusBackbone._forward_strands
+    monkeypatch.setattr(CaduceusBackbone, "_forward_strands", lambda self, h: calls.append(1) or real(self, h))
+    with torch.no_grad():
+        monkeypatch.setattr(RCPSWrapper, "batch_strands", False)
+        want = backbone(ids)
+        monkeypatch.setattr(RCPSWrapper, "batch_strands", True)
+        got = backbone(ids)
+        assert calls == [1]
+        assert backbone(ids, output_hidden_states=True)[0].shape == got.shape and calls == [1]
+    assert rel(got, want) <= 1e-5
+    assert not backbone._strand_major(backbone.embeddings(ids))  # gradients wanted: the layer-by-layer path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strand_major_stack_on_the_gpu_equals_the_rcps_stack(dtype, monkeypatch):
+    """CUDA inference on the Triton kernels takes the strand-major stack by itself (auto); against the
+    layer-by-layer stack on the torch kernels in float32: float32 within 1e-5, bfloat16 within 1e-2."""
+    import seqssm.ops.selective_scan as ss
+    from seqssm.models.caduceus import CaduceusBackbone, CaduceusConfig
+    from seqssm.ops.selective_scan_triton import triton_scan_available
+
+    if not triton_scan_available():
+        pytest.skip("needs a CUDA GPU and Triton")
+    monkeypatch.setattr(ss, "_mamba_scan_kernel", lambda: None)  # as without mamba-ssm
+    torch.manual_seed(12)
+    backbone = randomized(CaduceusBackbone(CaduceusConfig.dna(d_model=32, n_layer=2)), seed=12).cuda()
+    ids = torch.randint(7, 11, (2, 1000), device="cuda")
+    calls = []
+    real = CaduceusBackbone._forward_strands
+    monkeypatch.setattr(CaduceusBackbone, "_forward_strands", lambda self, h: calls.append(1) or real(self, h))
+    with torch.inference_mode():
+        got = backbone.to(dtype)(ids)
+        assert calls == [1]
+        backbone.float()
+        for m in backbone.modules():
+            if isinstance(m, Mamba):
+                m.backend = "torch"
+        monkeypatch.setattr(RCPSWrapper, "batch_strands", False)
+        want = backbone(ids)
+    err = float((got.float() - want).norm() / want.norm())
+    assert err <= (1e-5 if dtype == torch.float32 else 1e-2), err

@@ -98,7 +98,10 @@ from seqssm.layers.rcps import (
     RCPSEmbedding,
     RCPSLMHead,
     RCPSMambaBlock,
+    from_strands,
     rcps_fused_add_norm,
+    strands_add_norm,
+    to_strands,
 )
 from seqssm.tokenizers.dna import COMPLEMENT_LUT, N, PAD, VOCAB_SIZE
 
@@ -444,6 +447,8 @@ class CaduceusBackbone(nn.Module):
                 raise ValueError(f"lengths must be [batch={hidden.shape[0]}], got shape {tuple(lengths.shape)}")
             if self.is_causal or bool((lengths >= hidden.shape[1]).all()):
                 lengths = None
+        if self.rcps and lengths is None and not output_hidden_states and self._strand_major(hidden):
+            return self._forward_strands(hidden)
         all_hidden = []
         residual = None
         for layer in self.layers:
@@ -463,6 +468,34 @@ class CaduceusBackbone(nn.Module):
             return h
         d = self.config.d_model
         return 0.5 * (h[..., :d] + h[..., d:].flip(-1))
+
+    # False: RCPS inference batches the strands layer by layer instead (RCPSWrapper), concatenating and
+    # flipping activations in and out of every layer (the path _forward_strands is benchmarked against).
+    strand_major: bool = True
+
+    def _strand_major(self, hidden: torch.Tensor) -> bool:
+        """RCPS inference with the two strands batched (RCPSWrapper's rule: CUDA, the Triton scan, memory to
+        spare) runs the whole stack in strand-major form (_forward_strands)."""
+        return self.strand_major and not torch.is_grad_enabled() and self.layers[0].mixer._batch_strands(hidden)
+
+    def _forward_strands(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The RCPS stack with its state in strand-major form [2B, L, d] (layers.rcps.to_strands) from
+        the embeddings to the final norm: each layer is then its plain submodule on 2B rows, and the
+        halves exchange of the fused blocks rides on the add + norm kernel (strands_add_norm), so no layer
+        concatenates or flips activations (RCPSWrapper's strand batching did both, in and out, per layer)."""
+        h, residual = to_strands(hidden), None
+        for layer in self.layers:
+            if layer.fused_add_norm:
+                h, residual = strands_add_norm(h, residual, layer.norm, residual_in_fp32=layer.residual_in_fp32)
+            else:
+                h, residual = add_norm(h, residual, layer.norm.submodule, prenorm=True, fused=False,
+                                       residual_in_fp32=layer.residual_in_fp32)
+            h = layer.mixer.submodule(h)
+        if self.fused_add_norm:
+            h = add_norm(h, residual, self.norm_f, residual_in_fp32=self.residual_in_fp32, prenorm=False, fused=True)
+        else:
+            h = add_norm(h, residual, self.norm_f.submodule, prenorm=False, fused=False)
+        return from_strands(h)
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The last residual add + norm_f (per position), with the config's fused / unfused semantics."""

@@ -29,12 +29,19 @@ def _kernel():
         return None
 
     @triton.jit
-    def add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, res_ptr, rows, d, s_x, s_r, eps,
+    def add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, res_ptr, rows, d, s_x, s_r, eps, L, half,
                         BR: tl.constexpr, BC: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-                        HAS_B: tl.constexpr, RMS: tl.constexpr, STORE_RES: tl.constexpr):
+                        HAS_B: tl.constexpr, RMS: tl.constexpr, STORE_RES: tl.constexpr, SWAP: tl.constexpr):
         row = tl.program_id(0) * BR + tl.arange(0, BR)
         col = tl.arange(0, BC)
         mc = col < d
+        if SWAP:  # row (b, t) of [2 half, L, d] goes to ((b + half) mod 2 half, L - 1 - t), channels reversed
+            bb = row // L
+            orow = tl.where(bb < half, bb + half, bb - half) * L + (L - 1 - (row - bb * L))
+            ocol = d - 1 - col
+        else:
+            orow = row
+            ocol = col
         m = (row < rows)[:, None] & mc[None, :]
         s = tl.load(x_ptr + row[:, None] * s_x + col[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
@@ -45,12 +52,13 @@ def _kernel():
             c = tl.where(m, s - (tl.sum(s, axis=1) / d)[:, None], 0.0)
             y = c * tl.rsqrt(tl.sum(c * c, axis=1) / d + eps)[:, None]
         if HAS_W:
-            y = y * tl.load(w_ptr + col, mask=mc, other=0.0).to(tl.float32)[None, :]
+            y = y * tl.load(w_ptr + ocol, mask=mc, other=0.0).to(tl.float32)[None, :]
         if HAS_B:
-            y = y + tl.load(b_ptr + col, mask=mc, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + row[:, None] * d + col[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
+            y = y + tl.load(b_ptr + ocol, mask=mc, other=0.0).to(tl.float32)[None, :]
+        o = orow.to(tl.int64)[:, None] * d + ocol[None, :]
+        tl.store(out_ptr + o, y.to(out_ptr.dtype.element_ty), mask=m)
         if STORE_RES:
-            tl.store(res_ptr + row[:, None] * d + col[None, :], s.to(res_ptr.dtype.element_ty), mask=m)
+            tl.store(res_ptr + o, s.to(res_ptr.dtype.element_ty), mask=m)
 
     return add_norm_kernel
 
@@ -81,9 +89,13 @@ def fits_triton_norm(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
 
 
 def add_norm_triton(x, residual, weight, bias, eps: float, rms: bool, res_dtype: torch.dtype,
-                    store_residual: bool = True):
+                    store_residual: bool = True, swap_strands: bool = False):
     """(norm(x + residual) in x's dtype, x + residual in res_dtype) computed in float32; the norm is
-    RMSNorm (rms=True) or LayerNorm over the last axis with optional weight and bias. No autograd."""
+    RMSNorm (rms=True) or LayerNorm over the last axis with optional weight and bias. No autograd.
+
+    swap_strands: x and residual are [2 B, L, d] (the two strands of an RCPS state as batch rows,
+    layers.rcps.strands_add_norm_ref) and both results come out as flipLC(rows B..2B, rows 0..B):
+    the two halves of the batch exchanged, each reversed in length and channels, on the way out."""
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("add_norm_triton needs Triton")
@@ -93,13 +105,16 @@ def add_norm_triton(x, residual, weight, bias, eps: float, rms: bool, res_dtype:
 
     x2, r2 = _rows(x), _rows(residual)
     rows, d = x2.shape
+    if swap_strands and (x.dim() != 3 or x.shape[0] % 2):
+        raise ValueError(f"add_norm_triton: swap_strands needs [2 B, L, d], got {tuple(x.shape)}")
+    L, half = (x.shape[1], x.shape[0] // 2) if swap_strands else (1, 0)
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     res = torch.empty(x.shape, device=x.device, dtype=res_dtype) if store_residual else out
     BC = triton.next_power_of_2(d)
     BR = max(1, min(64, 4096 // BC))
     kernel[(triton.cdiv(rows, BR),)](
         x2, r2 if r2 is not None else x2, weight if weight is not None else x2, bias if bias is not None else x2,
-        out, res, rows, d, x2.stride(0), r2.stride(0) if r2 is not None else 0, float(eps), BR=BR, BC=BC,
+        out, res, rows, d, x2.stride(0), r2.stride(0) if r2 is not None else 0, float(eps), L, half, BR=BR, BC=BC,
         HAS_RES=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=bool(rms),
-        STORE_RES=bool(store_residual), num_warps=4 if BC <= 1024 else 8)
+        STORE_RES=bool(store_residual), SWAP=bool(swap_strands), num_warps=4 if BC <= 1024 else 8)
     return out, (res if store_residual else None)
