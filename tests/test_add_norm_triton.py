@@ -99,7 +99,8 @@ def test_dispatch_to_the_triton_add_norm_without_a_gpu(monkeypatch):
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_swap_strands_equals_the_torch_twin(kind, dtype, with_residual):
+@pytest.mark.parametrize("flip_weight", [False, True])
+def test_swap_strands_equals_the_torch_twin(kind, dtype, with_residual, flip_weight):
     """swap_strands=True (the RCPS blocks' halves exchange in strand-major form) against strands_add_norm_ref."""
     from seqssm.layers.rcps import strands_add_norm_ref
 
@@ -113,9 +114,9 @@ def test_swap_strands_equals_the_torch_twin(kind, dtype, with_residual):
             norm.bias.add_(0.3 * torch.randn(48, device="cuda", generator=g))
     x = torch.randn(6, 77, 48, device="cuda", generator=g).to(dtype)
     r = torch.randn(6, 77, 48, device="cuda", generator=g).to(dtype) if with_residual else None
-    want, want_res = strands_add_norm_ref(x, r, norm, residual_in_fp32=True)
-    got, got_res = add_norm_triton(x, r, norm.weight, norm.bias, norm.eps, kind == "rms", want_res.dtype,
-                                   swap_strands=True)
+    want, want_res = strands_add_norm_ref(x, r, norm, residual_in_fp32=True, flip_weight=flip_weight)
+    w, b = nm._affine(norm, flip_weight)
+    got, got_res = add_norm_triton(x, r, w, b, norm.eps, kind == "rms", want_res.dtype, swap_strands=True)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert got.dtype == want.dtype and got_res.dtype == want_res.dtype
     assert _rel(got, want) <= tol and _rel(got_res, want_res) <= 1e-6

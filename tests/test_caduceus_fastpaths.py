@@ -147,7 +147,7 @@ def test_bimamba_fused_inference_equals_the_two_whole_mambas(strategy, bias, mon
     monkeypatch.setattr(BiMambaWrapper, "_forward_fused", lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
     with torch.no_grad():
         fused, fused_rc = bi(h), bi.forward_rc(h)
-    assert calls == [{}, {"flip_channels": True, "swap": True}]
+    assert calls == [{"flip_channels": False}, {"flip_channels": True, "swap": True}]
     with torch.no_grad():
         _unfused(monkeypatch)
         want, want_rc = bi(h), bi.forward_rc(h)
@@ -206,21 +206,29 @@ def test_strands_add_norm_is_the_swapping_rcps_add_norm_in_strand_major_form(res
     x = torch.randn(2, 7, 12)
     r = torch.randn(2, 7, 12) if with_residual else None
     out, res = rcps_fused_add_norm(x, r, norm, residual_in_fp32=residual_in_fp32, prenorm=True, swap_halves=True)
-    got, got_res = strands_add_norm_ref(to_strands(x), None if r is None else to_strands(r), norm,
-                                        residual_in_fp32=residual_in_fp32)
+    x0, r0 = to_strands(x), None if r is None else to_strands(r)
+    # from the plain strand-major form: results channel-reversed (weight reversed instead of activations)
+    got, got_res = strands_add_norm_ref(x0, r0, norm, residual_in_fp32=residual_in_fp32, flip_weight=True)
+    assert rel(got.flip(-1), to_strands(out)) <= 1e-6 and rel(got_res.flip(-1), to_strands(res)) <= 1e-6
+    assert got_res.dtype == res.dtype
+    # from the channel-reversed form: back to the plain one
+    x1, r1 = x0.flip(-1), None if r0 is None else r0.flip(-1)
+    got, got_res = strands_add_norm_ref(x1, r1, norm, residual_in_fp32=residual_in_fp32, flip_weight=False)
     assert rel(got, to_strands(out)) <= 1e-6 and rel(got_res, to_strands(res)) <= 1e-6
-    assert got_res.dtype == res.dtype and torch.equal(from_strands(to_strands(x)), x)
+    assert torch.equal(from_strands(x0), x) and torch.equal(from_strands(x1, flipped=True), x)
 
 
+@pytest.mark.parametrize("n_layer", [2, 3])
 @pytest.mark.parametrize("overrides", [dict(), dict(fused_add_norm=False), dict(residual_in_fp32=True),
-                                       dict(rms_norm=False, bidirectional_strategy="ew_multiply")])
-def test_strand_major_stack_equals_the_rcps_stack(overrides, monkeypatch):
+                                       dict(rms_norm=False, bidirectional_strategy="ew_multiply"),
+                                       dict(bidirectional_weight_tie=False)])
+def test_strand_major_stack_equals_the_rcps_stack(n_layer, overrides, monkeypatch):
     """CaduceusBackbone._forward_strands (the state as [2B, L, d] from embeddings to final norm) against
     the layer-by-layer RCPS forward, forced on the CPU (on a GPU it is taken where strands are batched)."""
     from seqssm.models.caduceus import CaduceusBackbone, CaduceusConfig
 
     torch.manual_seed(11)
-    backbone = randomized(CaduceusBackbone(CaduceusConfig.dna(d_model=16, n_layer=3, **overrides)), seed=11)
+    backbone = randomized(CaduceusBackbone(CaduceusConfig.dna(d_model=16, n_layer=n_layer, **overrides)), seed=11)
     ids = torch.randint(7, 11, (2, 40))
     calls = []
     real = CaduceusBackbone._forward_strands
@@ -249,7 +257,7 @@ def test_strand_major_stack_on_the_gpu_equals_the_rcps_stack(dtype, monkeypatch)
         pytest.skip("needs a CUDA GPU and Triton")
     monkeypatch.setattr(ss, "_mamba_scan_kernel", lambda: None)  # as without mamba-ssm
     torch.manual_seed(12)
-    backbone = randomized(CaduceusBackbone(CaduceusConfig.dna(d_model=32, n_layer=2)), seed=12).cuda()
+    backbone = randomized(CaduceusBackbone(CaduceusConfig.dna(d_model=32, n_layer=3)), seed=12).cuda()
     ids = torch.randint(7, 11, (2, 1000), device="cuda")
     calls = []
     real = CaduceusBackbone._forward_strands

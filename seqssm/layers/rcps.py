@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqssm.layers.norm import RMSNorm, _triton_suits as _norm_triton_suits, add_norm, norm_float32
+from seqssm.layers.norm import RMSNorm, _affine, _triton_suits as _norm_triton_suits, add_norm, norm_float32
 from seqssm.ops.add_norm_triton import add_norm_triton
 from seqssm.ops.selective_scan import scan_backend
 from seqssm.ops.selective_scan_triton import triton_scan_available
@@ -209,40 +209,46 @@ def to_strands(h: torch.Tensor) -> torch.Tensor:
     """An RCPS state [B, L, 2d] in strand-major form [2B, L, d]: [forward half; flipLC(rc half)].
 
     In this form every RCPS layer is its plain submodule applied to all 2B rows (RCPSWrapper: [f(a),
-    flipLC(f(flipLC(b)))] -> f of both rows; the add + norm likewise), except the fused add + norm of the
-    blocks, which swaps the halves (strands_add_norm). RCPSEmbedding's output in this form is just the
-    embeddings of the sequence and of its reverse complement."""
+    flipLC(f(flipLC(b)))] -> f of both rows; the add + norm likewise), except the fused add + norm of
+    the blocks, which exchanges the halves (strands_add_norm). RCPSEmbedding's output in this form is
+    the embeddings of the sequence and of its reverse complement."""
     d = h.shape[-1] // 2
     return torch.cat([h[..., :d], flip_lc(h[..., d:])], dim=0)
 
 
-def from_strands(s: torch.Tensor) -> torch.Tensor:
-    """The inverse of to_strands: [2B, L, d] -> [B, L, 2d]."""
+def from_strands(s: torch.Tensor, flipped: bool = False) -> torch.Tensor:
+    """The inverse of to_strands: [2B, L, d] -> [B, L, 2d]; flipped: s is flipC of the strand-major form."""
     B = s.shape[0] // 2
+    if flipped:
+        return torch.cat([s[:B].flip(-1), s[B:].flip(-2)], dim=-1)
     return torch.cat([s[:B], flip_lc(s[B:])], dim=-1)
 
 
-def strands_add_norm_ref(x, residual, norm, *, residual_in_fp32: bool):
-    """rcps_fused_add_norm(swap_halves=True, prenorm=True) in strand-major form (see to_strands), written out.
+def strands_add_norm_ref(x, residual, norm, *, residual_in_fp32: bool, flip_weight: bool):
+    """rcps_fused_add_norm(swap_halves=True, prenorm=True) on a strand-major state, written out.
 
-    With S = x + residual in float32, both results are flipLC of S's rows with the two strands exchanged
-    (the reference's blocks swap the halves); the output is norm(...) in x's dtype, the residual in the
-    residual's dtype (x's, or float32 with residual_in_fp32, for the first block)."""
+    The halves exchange of the reference's blocks is, in strand-major form, flipLC of each row with the
+    two strands exchanged. Only the length is reversed here: both results are flipC of that form (the
+    norm's statistics do not depend on the channel order; the weight is reversed instead when the
+    input is in the plain form, flip_weight), so the next mixer runs with flip_channels and the next
+    add + norm, reading a flipC state, brings it back to the plain form (flip_weight=False). With S =
+    x + residual in float32, results: norm(flipL(S with strands exchanged)) in x's dtype, and that
+    flipped S in the residual's dtype (x's, or float32 with residual_in_fp32, for the first block)."""
     s = x.float() if residual is None else x.float() + residual.float()
     B = s.shape[0] // 2
-    s = flip_lc(torch.cat([s[B:], s[:B]], dim=0))
+    s = torch.cat([s[B:], s[:B]], dim=0).flip(-2)
     res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
-    return norm_float32(s, norm).to(x.dtype), s.to(res_dtype)
+    return norm_float32(s, norm, flip_weight).to(x.dtype), s.to(res_dtype)
 
 
-def strands_add_norm(x, residual, norm, *, residual_in_fp32: bool):
-    """strands_add_norm_ref in one Triton pass where it runs (CUDA inference: the exchange and the flips
-    ride on the kernel's stores, ops.add_norm_triton(swap_strands=True)), else that torch twin."""
+def strands_add_norm(x, residual, norm, *, residual_in_fp32: bool, flip_weight: bool):
+    """strands_add_norm_ref in one Triton pass where it runs (CUDA inference: the exchange and the length
+    flip ride on the kernel's stores, ops.add_norm_triton(swap_strands=True)), else that torch twin."""
     if x.dim() == 3 and x.shape[0] % 2 == 0 and _norm_triton_suits(x, residual, norm):
         res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
-        return add_norm_triton(x, residual, norm.weight, norm.bias, norm.eps, isinstance(norm, RMSNorm), res_dtype,
-                               swap_strands=True)
-    return strands_add_norm_ref(x, residual, norm, residual_in_fp32=residual_in_fp32)
+        w, b = _affine(norm, flip_weight)
+        return add_norm_triton(x, residual, w, b, norm.eps, isinstance(norm, RMSNorm), res_dtype, swap_strands=True)
+    return strands_add_norm_ref(x, residual, norm, residual_in_fp32=residual_in_fp32, flip_weight=flip_weight)
 
 
 class RCPSMambaBlock(nn.Module):

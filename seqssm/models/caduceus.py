@@ -255,8 +255,9 @@ class BiMambaWrapper(nn.Module):
             self.mamba_rev = None
 
     def forward(self, hidden_states: torch.Tensor, state: MambaState | None = None, return_state: bool = False,
-                lengths: torch.Tensor | None = None):
+                lengths: torch.Tensor | None = None, flip_channels: bool = False):
         """[B, L, d] -> [B, L, d]; a state (carried across windows) only for the causal, one-direction mixer.
+        flip_channels: flipC(self(flipC(hidden_states))), through the projection weights (Mamba.forward).
 
         `lengths` [B]: rows right-padded beyond them; the reverse scan reads each row reversed within
         its own length (padding still last), so a row's outputs at positions < its length are those
@@ -266,18 +267,19 @@ class BiMambaWrapper(nn.Module):
             if self.bidirectional:
                 raise ValueError("BiMambaWrapper: a bidirectional mixer has no recurrent state (it reads the "
                                  "window right to left too)")
-            return self.mamba_fwd(hidden_states, state=state, return_state=return_state)
+            return self.mamba_fwd(hidden_states, state=state, return_state=return_state, flip_channels=flip_channels)
+        fc = flip_channels
         if self._in_pieces(hidden_states, lengths):
-            out = _scan_in_pieces(self.mamba_fwd, hidden_states, self.piece_length)
+            out = _scan_in_pieces(self.mamba_fwd, hidden_states, self.piece_length, flip_channels=fc)
             if self.bidirectional:
                 _scan_in_pieces(self.mamba_rev, hidden_states, self.piece_length, reverse=True, into=out,
-                                combine=self.bidirectional_strategy)
+                                combine=self.bidirectional_strategy, flip_channels=fc)
             return out
         if lengths is None and self._fused(hidden_states):
-            return self._forward_fused(hidden_states)
-        out = self.mamba_fwd(hidden_states)
+            return self._forward_fused(hidden_states, flip_channels=fc)
+        out = self.mamba_fwd(hidden_states, flip_channels=fc)
         if self.bidirectional:
-            rev = _flip_rows(self.mamba_rev(_flip_rows(hidden_states, lengths)), lengths)
+            rev = _flip_rows(self.mamba_rev(_flip_rows(hidden_states, lengths), flip_channels=fc), lengths)
             out = out + rev if self.bidirectional_strategy == "add" else out * rev
         return out
 
@@ -330,7 +332,7 @@ class BiMambaWrapper(nn.Module):
                 and not (f.use_fast_path and scan_backend(f.backend, x) == "cuda"))
 
     def _forward_fused(self, h: torch.Tensor, flip_channels: bool = False, swap: bool = False) -> torch.Tensor:
-        """forward(h) (swap=False) or, with flip_channels and swap, forward_rc(h), sharing the tied
+        """forward(h, flip_channels=...) (swap=False) or forward_rc(h) (flip_channels and swap), sharing the tied
         projections: in_proj once for both directions, the backward direction read right to left in
         place (Mamba.mix(reverse=True): no flipped copies), and for "add" out_proj(y_fwd) + out_proj(y_rev)
         summed by the second matmul. swap runs mamba_fwd backwards and mamba_rev forwards."""
@@ -482,20 +484,26 @@ class CaduceusBackbone(nn.Module):
         """The RCPS stack with its state in strand-major form [2B, L, d] (layers.rcps.to_strands) from
         the embeddings to the final norm: each layer is then its plain submodule on 2B rows, and the
         halves exchange of the fused blocks rides on the add + norm kernel (strands_add_norm), so no layer
-        concatenates or flips activations (RCPSWrapper's strand batching did both, in and out, per layer)."""
+        concatenates or flips activations (RCPSWrapper's strand batching did both, in and out, per layer).
+        Every other layer the state is held channel-reversed, which its mixer absorbs in its projection
+        weights (flip_channels), so the kernel's stores never reverse channels."""
         h, residual = to_strands(hidden), None
+        flipped = False  # h (and the residual) hold flipC of the strand-major state (see strands_add_norm_ref)
         for layer in self.layers:
             if layer.fused_add_norm:
-                h, residual = strands_add_norm(h, residual, layer.norm, residual_in_fp32=layer.residual_in_fp32)
+                h, residual = strands_add_norm(h, residual, layer.norm, residual_in_fp32=layer.residual_in_fp32,
+                                               flip_weight=not flipped)
+                flipped = not flipped
             else:
                 h, residual = add_norm(h, residual, layer.norm.submodule, prenorm=True, fused=False,
                                        residual_in_fp32=layer.residual_in_fp32)
-            h = layer.mixer.submodule(h)
+            h = layer.mixer.submodule(h, flip_channels=flipped)
         if self.fused_add_norm:
-            h = add_norm(h, residual, self.norm_f, residual_in_fp32=self.residual_in_fp32, prenorm=False, fused=True)
+            h = add_norm(h, residual, self.norm_f, residual_in_fp32=self.residual_in_fp32, prenorm=False, fused=True,
+                         flip_weight=flipped)
         else:
             h = add_norm(h, residual, self.norm_f.submodule, prenorm=False, fused=False)
-        return from_strands(h)
+        return from_strands(h, flipped)
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The last residual add + norm_f (per position), with the config's fused / unfused semantics."""

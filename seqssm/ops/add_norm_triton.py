@@ -35,13 +35,11 @@ def _kernel():
         row = tl.program_id(0) * BR + tl.arange(0, BR)
         col = tl.arange(0, BC)
         mc = col < d
-        if SWAP:  # row (b, t) of [2 half, L, d] goes to ((b + half) mod 2 half, L - 1 - t), channels reversed
+        if SWAP:  # row (b, t) of [2 half, L, d] goes to ((b + half) mod 2 half, L - 1 - t)
             bb = row // L
             orow = tl.where(bb < half, bb + half, bb - half) * L + (L - 1 - (row - bb * L))
-            ocol = d - 1 - col
         else:
             orow = row
-            ocol = col
         m = (row < rows)[:, None] & mc[None, :]
         s = tl.load(x_ptr + row[:, None] * s_x + col[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
@@ -52,10 +50,10 @@ def _kernel():
             c = tl.where(m, s - (tl.sum(s, axis=1) / d)[:, None], 0.0)
             y = c * tl.rsqrt(tl.sum(c * c, axis=1) / d + eps)[:, None]
         if HAS_W:
-            y = y * tl.load(w_ptr + ocol, mask=mc, other=0.0).to(tl.float32)[None, :]
+            y = y * tl.load(w_ptr + col, mask=mc, other=0.0).to(tl.float32)[None, :]
         if HAS_B:
-            y = y + tl.load(b_ptr + ocol, mask=mc, other=0.0).to(tl.float32)[None, :]
-        o = orow.to(tl.int64)[:, None] * d + ocol[None, :]
+            y = y + tl.load(b_ptr + col, mask=mc, other=0.0).to(tl.float32)[None, :]
+        o = orow.to(tl.int64)[:, None] * d + col[None, :]
         tl.store(out_ptr + o, y.to(out_ptr.dtype.element_ty), mask=m)
         if STORE_RES:
             tl.store(res_ptr + o, s.to(res_ptr.dtype.element_ty), mask=m)
@@ -94,8 +92,9 @@ def add_norm_triton(x, residual, weight, bias, eps: float, rms: bool, res_dtype:
     RMSNorm (rms=True) or LayerNorm over the last axis with optional weight and bias. No autograd.
 
     swap_strands: x and residual are [2 B, L, d] (the two strands of an RCPS state as batch rows,
-    layers.rcps.strands_add_norm_ref) and both results come out as flipLC(rows B..2B, rows 0..B):
-    the two halves of the batch exchanged, each reversed in length and channels, on the way out."""
+    layers.rcps.strands_add_norm_ref) and both results come out with the two halves of the batch
+    exchanged and each reversed in length, on the way out (rows written in place of a copy; the
+    channels keep their order, so the stores stay contiguous)."""
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("add_norm_triton needs Triton")
