@@ -52,7 +52,7 @@ def embed(
     ),
     regions: Optional[Path] = typer.Option(None, "--regions", help="BED file: embed only these intervals (minus-strand ones reverse-complemented). Needs an indexable FASTA."),
     max_n_frac: float = typer.Option(0.5, "--max-n-frac", help="Skip windows with a larger fraction of N (reported in the summary)."),
-    backend: str = typer.Option("auto", "--backend", help="Kernels of Mamba / Caduceus models: auto (mamba-ssm + causal-conv1d on a GPU where installed; else, for inference on a GPU, seqssm's Triton scan; else PyTorch), torch, cuda (mamba-ssm + causal-conv1d), triton (seqssm's scan)."),
+    backend: str = typer.Option("auto", "--backend", help="Kernels of Mamba / Caduceus models: auto (for inference on a GPU seqssm's Triton scan; for training mamba-ssm + causal-conv1d where installed; else PyTorch), torch, cuda (mamba-ssm + causal-conv1d), triton (seqssm's scan)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same command."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),

@@ -96,7 +96,7 @@ def finetune(
         "auprc, mse, pearson, spearman. Default auroc (binary, multilabel), mcc (multiclass), pearson (regression)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the head initialisation, data order and dropout. Default 0."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N."),
-    backend: str = typer.Option("auto", "--backend", help="Kernels of Mamba / Caduceus backbones: auto (mamba-ssm + causal-conv1d on a GPU where installed, else PyTorch), torch, cuda (mamba-ssm + causal-conv1d)."),
+    backend: str = typer.Option("auto", "--backend", help="Kernels of Mamba / Caduceus backbones: auto (mamba-ssm + causal-conv1d on a GPU where installed, else PyTorch; passes without gradients on a GPU scan with seqssm's Triton kernel), torch, cuda (mamba-ssm + causal-conv1d)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its latest checkpoint (starts it if there is none)."),
     force: bool = typer.Option(False, "--force", help="Delete the run in OUTPUT and start over."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop cleanly (checkpoint saved) before this many minutes; continue with --resume."),

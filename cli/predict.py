@@ -24,7 +24,7 @@ def predict(
     rc_average: Optional[bool] = typer.Option(None, "--rc-average/--no-rc-average", help="Average forward and reverse-complement predictions. Default: as the model was evaluated."),
     batch_size: int = typer.Option(64, "--batch-size", "-b"),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N."),
-    backend: str = typer.Option("auto", "--backend", help="Kernels of Mamba / Caduceus models: auto (mamba-ssm + causal-conv1d on a GPU where installed; else, for inference on a GPU, seqssm's Triton scan; else PyTorch), torch, cuda (mamba-ssm + causal-conv1d), triton (seqssm's scan)."),
+    backend: str = typer.Option("auto", "--backend", help="Kernels of Mamba / Caduceus models: auto (for inference on a GPU seqssm's Triton scan; for training mamba-ssm + causal-conv1d where installed; else PyTorch), torch, cuda (mamba-ssm + causal-conv1d), triton (seqssm's scan)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:

@@ -60,7 +60,7 @@ def pretrain(
         help="Fit the order-k Markov baseline (k=0..10) on the same split and record it in training.json "
         "(next-base runs; masked-LM runs record a no-context base-frequency reference instead)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model for training (GPU)."),
-    backend: str = typer.Option("auto", "--backend", help="Kernels of Mamba / Caduceus models: auto (mamba-ssm + causal-conv1d on a GPU where installed, else PyTorch), torch, cuda (mamba-ssm + causal-conv1d)."),
+    backend: str = typer.Option("auto", "--backend", help="Kernels of Mamba / Caduceus models: auto (mamba-ssm + causal-conv1d on a GPU where installed, else PyTorch; passes without gradients on a GPU scan with seqssm's Triton kernel), torch, cuda (mamba-ssm + causal-conv1d)."),
     fsdp: bool = typer.Option(
         False, "--fsdp", help="Under torchrun: shard parameters, gradients and optimizer state across the "
         "processes (FSDP2) instead of replicating the model (DDP). For models that do not fit on one GPU."),

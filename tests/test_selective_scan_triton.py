@@ -110,7 +110,7 @@ def test_triton_scan_bf16_within_1e_2_of_float32(kernel):
 
 
 @pytest.mark.gpu
-def test_auto_backend_takes_triton_only_without_mamba_ssm_and_without_gradients(monkeypatch):
+def test_auto_backend_takes_triton_without_gradients(monkeypatch):
     _need_gpu()
     monkeypatch.setattr(ss, "_mamba_scan_kernel", lambda: None)  # as on a machine without mamba-ssm
     calls = []
@@ -244,9 +244,10 @@ def test_dispatch_to_the_triton_scan_without_a_gpu(monkeypatch):
         selective_scan(*x[:2], -torch.rand(3, 16), *x[3:], backend="triton")
 
 
-def test_an_initial_state_goes_to_the_gluon_kernel_even_with_mamba_ssm(monkeypatch):
-    """mamba-ssm's kernel has no initial-state input: with one given (and no gradient), auto takes the
-    Gluon kernel; without one, mamba-ssm's (GPU facts stubbed)."""
+def test_auto_inference_takes_the_gluon_kernel_even_with_mamba_ssm(monkeypatch):
+    """With no gradient needed, auto takes the Gluon kernel even where mamba-ssm's imports (level with it,
+    and it starts from an initial state); only the plain Triton kernel leaves it to mamba-ssm's (GPU
+    facts stubbed)."""
     calls = []
     monkeypatch.setattr(ss, "_mamba_scan_kernel", lambda: object())
     monkeypatch.setattr(ss, "_resolve", lambda backend, *a, **k: "cuda" if backend == "auto" else backend)
@@ -258,13 +259,35 @@ def test_an_initial_state_goes_to_the_gluon_kernel_even_with_mamba_ssm(monkeypat
     x = (torch.randn(1, 4, 9, generator=g), torch.rand(1, 4, 9, generator=g), -torch.rand(4, 16, generator=g),
          torch.randn(1, 16, 9, generator=g), torch.randn(1, 16, 9, generator=g))
     h0 = torch.randn(1, 4, 16, generator=g)
-    assert selective_scan(*x) == "cuda" and selective_scan(*x, initial_state=h0) == "triton"
+    assert selective_scan(*x) == "triton" and selective_scan(*x, initial_state=h0) == "triton"
     assert selective_scan(*x, initial_state=h0, backend="cuda") == "cuda"  # an explicit backend is obeyed
     monkeypatch.setattr(ss, "_gluon_kernel", lambda: None)  # the plain Triton kernel is no faster than mamba-ssm's
     assert selective_scan(*x, initial_state=h0) == "cuda"
-    assert calls == ["cuda", "triton", "cuda", "cuda"]
+    assert calls == ["triton", "triton", "cuda", "cuda"]
 
 
+def test_mixer_backend(monkeypatch):
+    """What a Mamba mixer's call takes (stubbed GPU facts): Triton for CUDA inference under auto, with or
+    without mamba-ssm (but not its plain kernel against mamba-ssm's); with a gradient, scan_backend."""
+    class FakeCuda:
+        is_cuda = True
+        device = torch.device("cpu")
+
+    t = FakeCuda()
+    monkeypatch.setattr(ss, "triton_scan_available", lambda: True)
+    monkeypatch.setattr(ss, "_gluon_kernel", lambda: object())
+    for installed in ("cuda", "torch"):
+        monkeypatch.setattr(ss, "scan_backend", lambda backend, tensor, i=installed: i if backend == "auto" else backend)
+        with torch.no_grad():
+            assert ss.mixer_backend("auto", t) == "triton"
+            assert ss.mixer_backend("torch", t) == "torch" and ss.mixer_backend("triton", t) == "triton"
+        assert ss.mixer_backend("auto", t) == installed  # a gradient: no Triton (no backward)
+    monkeypatch.setattr(ss, "_gluon_kernel", lambda: None)
+    with torch.no_grad():
+        assert ss.mixer_backend("auto", t) == "triton"  # without mamba-ssm (the stub above): the plain kernel
+        monkeypatch.setattr(ss, "scan_backend", lambda backend, tensor: "cuda")
+        assert ss.mixer_backend("auto", t) == "cuda"
+        assert ss.mixer_backend("auto", torch.zeros(1)) == "cuda"  # a CPU tensor
 def test_reverse_scan_dispatch(monkeypatch):
     """reverse=True: the Triton kernel runs it in place where it suits; otherwise the scan of the
     flipped inputs, flipped back (GPU facts stubbed; the kernel's own reverse: GPU tests above)."""

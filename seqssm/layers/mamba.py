@@ -18,10 +18,12 @@ makes a zero state, `step` advances it by one position (in place), and
 returns the state after it, so a chromosome can be run window by window with exact left context:
 forward over [w1, w2] == forward(w1) then forward(w2, state=state after w1).
 
-Backends: "auto" uses the CUDA kernels of mamba-ssm / causal-conv1d when the input is on a GPU and
-they are installed (imported on first use), the PyTorch implementations in seqssm.ops otherwise;
-on a GPU without mamba-ssm, inference (no gradient) scans with seqssm's Triton kernel. The commands'
---backend option sets them per model (configure_backend); "triton" forces that scan.
+Backends: "auto" scans with seqssm's Triton (Gluon) kernel for inference (no gradient) on a GPU,
+which with the inference path around it is faster than mamba-ssm's at batch >= 2 and level at batch 1
+(ops.selective_scan.mixer_backend); with a gradient it uses the CUDA kernels of mamba-ssm /
+causal-conv1d when the input is on a GPU and they are installed (imported on first use), the PyTorch
+implementations in seqssm.ops otherwise. The commands' --backend option sets them per model
+(configure_backend); "triton" forces that scan, "cuda" mamba-ssm's kernels.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from seqssm.errors import SeqssmError
 from seqssm.layers.norm import add_norm
 from seqssm.ops.causal_conv import causal_conv1d, causal_conv1d_kernels_available, causal_conv1d_update
-from seqssm.ops.selective_scan import (cuda_kernels_available, scan_backend, selective_scan,
+from seqssm.ops.selective_scan import (cuda_kernels_available, mixer_backend, selective_scan,
                                        selective_state_update)
 from seqssm.ops.selective_scan_triton import triton_scan_available
 
@@ -201,7 +203,7 @@ class Mamba(nn.Module):
         xz = self.project_in(hidden_states, w_in)
         A = -torch.exp(self.A_log.float())  # [d_inner, d_state]
 
-        if state is None and not return_state and self.use_fast_path and scan_backend(self.backend, xz) == "cuda":
+        if state is None and not return_state and self.use_fast_path and mixer_backend(self.backend, xz) == "cuda":
             fast = _mamba_inner(self, xz, A, w_out, b_out)
             if fast is not None:
                 return fast
@@ -265,9 +267,9 @@ def configure_backend(model: nn.Module, backend: str, device: torch.device | str
     """Set the kernels of every Mamba mixer in `model` (the --backend option of the commands), after
     check_backend; returns how many mixers there are (0 for a HyenaDNA model: no effect).
 
-    "auto": mamba-ssm + causal-conv1d on a GPU where installed, else, for inference on a GPU, seqssm's
-    Triton scan, else PyTorch; "torch": PyTorch only; "cuda": mamba-ssm + causal-conv1d; "triton":
-    seqssm's Triton scan (inference only), the convolution as "auto".
+    "auto": for inference on a GPU seqssm's Triton scan (mixer_backend), for training mamba-ssm +
+    causal-conv1d on a GPU where installed, else PyTorch; "torch": PyTorch only; "cuda": mamba-ssm +
+    causal-conv1d; "triton": seqssm's Triton scan (inference only), the convolution as "auto".
     """
     check_backend(backend, device, training=training)
     mixers = [m for m in model.modules() if isinstance(m, Mamba)]

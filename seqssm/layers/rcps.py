@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 from seqssm.layers.norm import RMSNorm, _affine, _triton_suits as _norm_triton_suits, add_norm, norm_float32
 from seqssm.ops.add_norm_triton import add_norm_triton
-from seqssm.ops.selective_scan import scan_backend
-from seqssm.ops.selective_scan_triton import triton_scan_available
+from seqssm.ops.selective_scan import mixer_backend
 
 
 def flip_lc(x: torch.Tensor) -> torch.Tensor:
@@ -116,8 +115,7 @@ class RCPSWrapper(nn.Module):
         mixer = getattr(sub, "mamba_fwd", None)
         if mixer is None or mixer.backend not in ("auto", "triton"):
             return False
-        # "auto" takes the Triton scan on a CUDA device exactly where it would not take mamba-ssm's
-        if not (mixer.backend == "triton" or (scan_backend("auto", x) == "torch" and triton_scan_available())):
+        if mixer_backend(mixer.backend, x) != "triton":
             return False
         # Both strands' mixer intermediates are then alive at once (8 x 131,072 bf16 tokens at d_inner
         # 512: peak 18.3 GiB instead of 10.7): only where the GPU has that memory to spare, twice over.

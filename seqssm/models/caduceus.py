@@ -91,7 +91,7 @@ import torch.nn as nn
 from seqssm.errors import SeqssmError
 from seqssm.layers.mamba import Block, Mamba, MambaState
 from seqssm.layers.norm import RMSNorm, add_norm
-from seqssm.ops.selective_scan import scan_backend
+from seqssm.ops.selective_scan import mixer_backend
 from seqssm.models.io import _read_json, _read_safetensors, _read_torch, load_matching_state
 from seqssm.layers.rcps import (
     RCPSAddNormWrapper,
@@ -329,7 +329,7 @@ class BiMambaWrapper(nn.Module):
         return (self.share_projections and self.bidirectional and not torch.is_grad_enabled() and r.in_proj.weight is f.in_proj.weight
                 and r.in_proj.bias is f.in_proj.bias and r.out_proj.weight is f.out_proj.weight
                 and r.out_proj.bias is f.out_proj.bias and r.backend == f.backend
-                and not (f.use_fast_path and scan_backend(f.backend, x) == "cuda"))
+                and not (f.use_fast_path and mixer_backend(f.backend, x) == "cuda"))
 
     def _forward_fused(self, h: torch.Tensor, flip_channels: bool = False, swap: bool = False) -> torch.Tensor:
         """forward(h, flip_channels=...) (swap=False) or forward_rc(h) (flip_channels and swap), sharing the tied

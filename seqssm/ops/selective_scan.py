@@ -345,6 +345,21 @@ def scan_backend(backend: str, tensor: torch.Tensor) -> str:
     return _resolve(backend, tensor, _mamba_scan_kernel, "selective_scan")
 
 
+def mixer_backend(backend: str, tensor: torch.Tensor) -> str:
+    """The scan backend a Mamba mixer's call takes on tensors like `tensor` under the current grad mode:
+    "triton" for backend "triton", and for "auto" in inference (no gradient) on a CUDA device where the
+    Triton scan runs, either without mamba-ssm or with Triton's Gluon kernel, which with seqssm's
+    inference path (shared projections, strand-major RCPS) is faster than mamba-ssm's fused path at
+    batch >= 2 and level with it at batch 1 (docs/BENCHMARKS.md); else as scan_backend."""
+    if backend == "triton":
+        return "triton"
+    which = scan_backend(backend, tensor)
+    if (backend == "auto" and which != "triton" and tensor.is_cuda and not torch.is_grad_enabled()
+            and triton_scan_available() and (which == "torch" or _gluon_kernel() is not None)):
+        return "triton"
+    return which
+
+
 def _initial_state_response(delta, A, C, h0, chunk: int):
     """What an initial state h0 adds to y, and to the last state, by itself.
 
@@ -523,11 +538,10 @@ def selective_scan(
 
     backend "torch": selective_scan_torch; "cuda": mamba-ssm's kernel (tensors on a GPU, mamba-ssm
     installed; an initial state is added by linearity, see _scan_with_kernel; as in mamba-ssm, no
-    gradient flows back from the returned last state); "auto": cuda when the tensors are on a CUDA
-    device and the kernel imports (but seqssm's Gluon kernel when an initial state is given and no
-    gradient is needed: it starts from the state, mamba-ssm's kernel cannot); else, on a CUDA device
-    with no gradient needed, seqssm's own Triton kernel (seqssm.ops.selective_scan_triton: inference
-    without mamba-ssm); else torch.
+    gradient flows back from the returned last state); "auto": with no gradient needed on a CUDA
+    device, seqssm's own Triton kernel (seqssm.ops.selective_scan_triton), unless only its plain
+    (non-Gluon) kernel exists and mamba-ssm's imports; with a gradient, mamba-ssm's kernel where it
+    imports; else torch.
     "triton": that Triton kernel (CUDA tensors, Triton installed, no gradient needed).
     """
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -550,11 +564,9 @@ def selective_scan(
         which = _resolve(backend, u, _mamba_scan_kernel, "selective_scan")
         if which == "torch" and backend == "auto" and _triton_suits(*args):
             which = "triton"
-        elif (which == "cuda" and backend == "auto" and initial_state is not None and _gluon_kernel() is not None
-              and _triton_suits(*args)):
-            # mamba-ssm's kernel has no initial-state input (its share is added afterwards, by
-            # linearity); the Gluon kernel starts from it (a 1M-token Caduceus window in pieces:
-            # docs/BENCHMARKS.md)
+        elif which == "cuda" and backend == "auto" and _gluon_kernel() is not None and _triton_suits(*args):
+            # inference: the Gluon kernel is level with mamba-ssm's (and starts from an initial state,
+            # which mamba-ssm's kernel adds afterwards by linearity); see mixer_backend
             which = "triton"
     if which == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
