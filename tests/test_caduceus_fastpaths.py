@@ -221,12 +221,15 @@ def test_strands_add_norm_is_the_swapping_rcps_add_norm_in_strand_major_form(res
 @pytest.mark.parametrize("n_layer", [2, 3])
 @pytest.mark.parametrize("overrides", [dict(), dict(fused_add_norm=False), dict(residual_in_fp32=True),
                                        dict(rms_norm=False, bidirectional_strategy="ew_multiply"),
-                                       dict(bidirectional_weight_tie=False)])
+                                       dict(bidirectional_weight_tie=False), "pieces"])
 def test_strand_major_stack_equals_the_rcps_stack(n_layer, overrides, monkeypatch):
     """CaduceusBackbone._forward_strands (the state as [2B, L, d] from embeddings to final norm) against
     the layer-by-layer RCPS forward, forced on the CPU (on a GPU it is taken where strands are batched)."""
     from seqssm.models.caduceus import CaduceusBackbone, CaduceusConfig
 
+    if overrides == "pieces":  # mixers over pieces of 16 positions with the state carried (as a 1M window)
+        monkeypatch.setattr(BiMambaWrapper, "piece_length", 16)
+        overrides = {}
     torch.manual_seed(11)
     backbone = randomized(CaduceusBackbone(CaduceusConfig.dna(d_model=16, n_layer=n_layer, **overrides)), seed=11)
     ids = torch.randint(7, 11, (2, 40))
@@ -246,7 +249,8 @@ def test_strand_major_stack_equals_the_rcps_stack(n_layer, overrides, monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_strand_major_stack_on_the_gpu_equals_the_rcps_stack(dtype, monkeypatch):
+@pytest.mark.parametrize("pieces", [False, True])
+def test_strand_major_stack_on_the_gpu_equals_the_rcps_stack(dtype, pieces, monkeypatch):
     """CUDA inference on the Triton kernels takes the strand-major stack by itself (auto); against the
     layer-by-layer stack on the torch kernels in float32: float32 within 1e-5, bfloat16 within 1e-2."""
     import seqssm.ops.selective_scan as ss
@@ -256,6 +260,8 @@ def test_strand_major_stack_on_the_gpu_equals_the_rcps_stack(dtype, monkeypatch)
     if not triton_scan_available():
         pytest.skip("needs a CUDA GPU and Triton")
     monkeypatch.setattr(ss, "_mamba_scan_kernel", lambda: None)  # as without mamba-ssm
+    if pieces:  # mixers over pieces with the state carried (the Gluon scan from an initial state)
+        monkeypatch.setattr(BiMambaWrapper, "piece_length", 256)
     torch.manual_seed(12)
     backbone = randomized(CaduceusBackbone(CaduceusConfig.dna(d_model=32, n_layer=3)), seed=12).cuda()
     ids = torch.randint(7, 11, (2, 1000), device="cuda")

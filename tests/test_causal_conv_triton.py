@@ -60,9 +60,13 @@ def test_triton_conv_bf16_within_1e_2_of_float32():
 
 
 @pytest.mark.gpu
-def test_auto_takes_triton_only_without_causal_conv1d_and_without_gradients(monkeypatch):
+@pytest.mark.parametrize("installed", [False, True])
+def test_auto_takes_triton_without_gradients(monkeypatch, installed):
+    """auto, no gradient: the Triton kernel, with causal-conv1d installed or not (stubbed as absent or
+    as a kernel that must not be called)."""
     _need_gpu()
-    monkeypatch.setattr(cc, "_kernels", lambda: None)  # as on a machine without causal-conv1d
+    fail = lambda *a, **k: pytest.fail("causal-conv1d called")  # noqa: E731
+    monkeypatch.setattr(cc, "_kernels", lambda: (fail, fail) if installed else None)
     calls = []
     real = cc.causal_conv1d_triton
     monkeypatch.setattr(cc, "causal_conv1d_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -71,9 +75,10 @@ def test_auto_takes_triton_only_without_causal_conv1d_and_without_gradients(monk
         out, final = causal_conv1d(x, w, b, h0, return_final_states=True, activation="silu")
     want, want_final = causal_conv1d_ref(x, w, b, h0, return_final_states=True, activation="silu")
     assert calls == [1] and _rel(out, want) <= 1e-5 and torch.equal(final, want_final)
-    w.requires_grad_()  # a gradient is needed: the torch path, and the gradient flows
-    causal_conv1d(x, w, b, h0, activation="silu").sum().backward()
-    assert calls == [1] and w.grad is not None and torch.isfinite(w.grad).all()
+    if not installed:  # a gradient is needed: the torch path (causal-conv1d's where installed), and it flows
+        w.requires_grad_()
+        causal_conv1d(x, w, b, h0, activation="silu").sum().backward()
+        assert calls == [1] and w.grad is not None and torch.isfinite(w.grad).all()
     with torch.no_grad():  # an explicit backend is obeyed
         causal_conv1d(x, w, b, h0, activation="silu", backend="torch")
     assert calls == [1]

@@ -106,20 +106,24 @@ class RCPSWrapper(nn.Module):
     # with the memory to spare; True / False force it (the tests compare both).
     batch_strands: bool | None = None
 
-    def _batch_strands(self, x: torch.Tensor) -> bool:
+    def _batch_strands(self, x: torch.Tensor, in_pieces: bool = False) -> bool:
+        """Whether both strands go through the submodule as one batch (see batch_strands). in_pieces: also
+        for inputs the submodule runs in pieces (the strand-major stack, whose pieces bound the memory)."""
         if self.batch_strands is not None:
             return self.batch_strands
         sub = self.submodule
-        if torch.is_grad_enabled() or not x.is_cuda or getattr(sub, "_in_pieces", lambda *a: True)(x, None):
+        if torch.is_grad_enabled() or not x.is_cuda:
+            return False
+        pieces = getattr(sub, "_in_pieces", lambda *a: True)(x, None)
+        if pieces and not in_pieces:
             return False
         mixer = getattr(sub, "mamba_fwd", None)
-        if mixer is None or mixer.backend not in ("auto", "triton"):
-            return False
-        if mixer_backend(mixer.backend, x) != "triton":
+        if mixer is None or mixer_backend(mixer.backend, x) != "triton":
             return False
         # Both strands' mixer intermediates are then alive at once (8 x 131,072 bf16 tokens at d_inner
         # 512: peak 18.3 GiB instead of 10.7): only where the GPU has that memory to spare, twice over.
-        extra = 8 * x.shape[0] * x.shape[1] * mixer.d_inner * x.element_size()
+        length = min(x.shape[1], sub.piece_length) if pieces else x.shape[1]
+        extra = 8 * x.shape[0] * length * mixer.d_inner * x.element_size()
         free = torch.cuda.mem_get_info(x.device)[0] + torch.cuda.memory_reserved(x.device) \
             - torch.cuda.memory_allocated(x.device)
         return free > 2 * extra

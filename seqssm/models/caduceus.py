@@ -477,8 +477,10 @@ class CaduceusBackbone(nn.Module):
 
     def _strand_major(self, hidden: torch.Tensor) -> bool:
         """RCPS inference with the two strands batched (RCPSWrapper's rule: CUDA, the Triton scan, memory to
-        spare) runs the whole stack in strand-major form (_forward_strands)."""
-        return self.strand_major and not torch.is_grad_enabled() and self.layers[0].mixer._batch_strands(hidden)
+        spare) runs the whole stack in strand-major form (_forward_strands), also where the mixers run
+        in pieces (a million-token window: both strands of a piece in one scan)."""
+        return (self.strand_major and not torch.is_grad_enabled()
+                and self.layers[0].mixer._batch_strands(hidden, in_pieces=True))
 
     def _forward_strands(self, hidden: torch.Tensor) -> torch.Tensor:
         """The RCPS stack with its state in strand-major form [2B, L, d] (layers.rcps.to_strands) from

@@ -158,11 +158,11 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
                   *, backend: str = "auto", reverse: bool = False):
     """The causal convolution on the best available backend; arguments as causal_conv1d_ref.
 
-    On CUDA the causal-conv1d kernel gets [initial_states, x] as one input and the first W-1 outputs
-    are dropped (the kernel's own initial_states argument wants a channel-last layout); without that
-    package, "auto" on a CUDA device with no gradient needed takes seqssm's Triton kernel, which reads
-    x (any strided view) and initial_states in place. The final states are the last W-1 inputs,
-    sliced here.
+    On CUDA the causal-conv1d kernel gets [initial_states, x] as one contiguous input and the first W-1
+    outputs are dropped (the kernel's own initial_states argument wants a channel-last layout); "auto"
+    on a CUDA device with no gradient needed takes seqssm's Triton kernel instead (installed or not),
+    which reads x (any strided view) and initial_states in place. The final states are the last W-1
+    inputs, sliced here.
 
     reverse=True: the anti-causal convolution flip(conv(flip(x))) along the length (the backward
     direction of a bidirectional mixer); the Triton kernel computes it in place, the other backends
@@ -177,8 +177,8 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
             return causal_conv1d_triton(x, weight, bias, None, activation, reverse=True)
         return causal_conv1d(x.flip(-1), weight, bias, activation=activation, backend=backend).flip(-1)
     which = _resolve(backend, x, weight, "causal_conv1d")
-    if which == "torch" and backend == "auto" and _triton_suits(x, weight, bias, initial_states):
-        which = "triton"
+    if backend == "auto" and _triton_suits(x, weight, bias, initial_states):
+        which = "triton"  # even where causal-conv1d is installed: it needs x (a strided half) contiguous
     if which == "torch":
         return causal_conv1d_torch(x, weight, bias, initial_states, return_final_states, activation)
     W = _check(x, weight, bias, initial_states, activation)
