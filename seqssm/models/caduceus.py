@@ -91,7 +91,6 @@ import torch.nn as nn
 from seqssm.errors import SeqssmError
 from seqssm.layers.mamba import Block, Mamba, MambaState
 from seqssm.layers.norm import RMSNorm, add_norm
-from seqssm.ops.selective_scan import mixer_backend
 from seqssm.models.io import _read_json, _read_safetensors, _read_torch, load_matching_state
 from seqssm.layers.rcps import (
     RCPSAddNormWrapper,
@@ -103,6 +102,7 @@ from seqssm.layers.rcps import (
     strands_add_norm,
     to_strands,
 )
+from seqssm.ops.selective_scan import mixer_backend
 from seqssm.tokenizers.dna import COMPLEMENT_LUT, N, PAD, VOCAB_SIZE
 
 MODEL_TYPE = "caduceus"
@@ -316,7 +316,6 @@ class BiMambaWrapper(nn.Module):
             out = out + rev if self.bidirectional_strategy == "add" else out * rev
         return out
 
-
     # Inference shares the tied projections between the directions (_forward_fused); False restores
     # the two whole Mamba calls with flipped copies (the reference it is tested and benchmarked against).
     share_projections: bool = True
@@ -326,7 +325,8 @@ class BiMambaWrapper(nn.Module):
         tying, as in Caduceus), no gradient is needed, and the scans do not go to mamba-ssm's fused
         kernel (which has no backward direction; there each Mamba runs whole, as before)."""
         f, r = self.mamba_fwd, self.mamba_rev
-        return (self.share_projections and self.bidirectional and not torch.is_grad_enabled() and r.in_proj.weight is f.in_proj.weight
+        return (self.share_projections and self.bidirectional and not torch.is_grad_enabled()
+                and r.in_proj.weight is f.in_proj.weight
                 and r.in_proj.bias is f.in_proj.bias and r.out_proj.weight is f.out_proj.weight
                 and r.out_proj.bias is f.out_proj.bias and r.backend == f.backend
                 and not (f.use_fast_path and mixer_backend(f.backend, x) == "cuda"))
