@@ -309,8 +309,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--parity-length", type=int, default=4096, help="fp32 output comparison length (0: skip)")
     ap.add_argument("--compare-steps", action="store_true",
-                    help="also time seqssm with CaduceusBackbone.strand_major off, and with that and "
-                         "BiMambaWrapper.share_projections off (the session-13 inference path)")
+                    help="also time seqssm with BiMambaWrapper.concurrent_directions off, then also "
+                         "CaduceusBackbone.strand_major, then also BiMambaWrapper.share_projections "
+                         "(the session-13 inference path)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--profile", action="store_true", help="CUDA kernel profile of seqssm on the first run's shape")
     ap.add_argument("--profile-ops", action="store_true", help="with --profile: the torch operators too")
@@ -364,6 +365,7 @@ def main(argv=None) -> dict:
 
     impls = [("seqssm", ours32, lambda m: m.caduceus.backbone)]
     if args.compare_steps:
+        impls.append(("seqssm-one-stream", ours32, lambda m: m.caduceus.backbone))
         impls.append(("seqssm-per-layer", ours32, lambda m: m.caduceus.backbone))
         impls.append(("seqssm-s13", ours32, lambda m: m.caduceus.backbone))
     if ref32 is not None:
@@ -375,8 +377,10 @@ def main(argv=None) -> dict:
                 model = copy.deepcopy(model32).to(torch.bfloat16)
             BiMambaWrapper.share_projections = name != "seqssm-s13"
             CaduceusBackbone.strand_major = name not in ("seqssm-per-layer", "seqssm-s13")
+            BiMambaWrapper.concurrent_directions = name == "seqssm"
             rec = run_one(name, fn_of(model), dtype, length, batch, device, args, vocab_ids)
             BiMambaWrapper.share_projections = CaduceusBackbone.strand_major = True
+            BiMambaWrapper.concurrent_directions = True
             report["results"].append(rec)
             if model is not model32:
                 del model

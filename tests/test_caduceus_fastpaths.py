@@ -279,3 +279,22 @@ def test_strand_major_stack_on_the_gpu_equals_the_rcps_stack(dtype, pieces, monk
         want = backbone(ids)
     err = float((got.float() - want).norm() / want.norm())
     assert err <= (1e-5 if dtype == torch.float32 else 1e-2), err
+
+
+@pytest.mark.gpu
+def test_directions_on_two_streams_equal_one_stream(monkeypatch):
+    """The two directions' conv + scan side by side on two CUDA streams: the same numbers as in turn."""
+    from seqssm.ops.selective_scan_triton import triton_scan_available
+
+    if not triton_scan_available():
+        pytest.skip("needs a CUDA GPU and Triton")
+    torch.manual_seed(13)
+    bi = randomized(BiMambaWrapper(64, d_state=16), seed=13).cuda()
+    for m in (bi.mamba_fwd, bi.mamba_rev):
+        m.backend = "triton"
+    h = torch.randn(4, 5000, 64, device="cuda")
+    with torch.inference_mode():
+        together, together_rc = bi(h), bi.forward_rc(h)
+        monkeypatch.setattr(BiMambaWrapper, "concurrent_directions", False)
+        apart, apart_rc = bi(h), bi.forward_rc(h)
+    assert torch.equal(together, apart) and torch.equal(together_rc, apart_rc)
