@@ -284,7 +284,8 @@ def test_strand_major_stack_on_the_gpu_equals_the_rcps_stack(dtype, pieces, monk
 @pytest.mark.gpu
 def test_directions_on_two_streams_equal_one_stream(monkeypatch):
     """The two directions' conv + scan side by side on two CUDA streams: the same numbers as in turn."""
-    from seqssm.ops.selective_scan_triton import triton_scan_available
+    import seqssm.models.caduceus as cm
+    from seqssm.ops.selective_scan_triton import gluon_fills_gpu, triton_scan_available
 
     if not triton_scan_available():
         pytest.skip("needs a CUDA GPU and Triton")
@@ -292,9 +293,14 @@ def test_directions_on_two_streams_equal_one_stream(monkeypatch):
     bi = randomized(BiMambaWrapper(64, d_state=16), seed=13).cuda()
     for m in (bi.mamba_fwd, bi.mamba_rev):
         m.backend = "triton"
-    h = torch.randn(4, 5000, 64, device="cuda")
+    h = torch.randn(1, 5000, 64, device="cuda")  # 128 channels: one scan leaves the GPU short of work
+    calls = []
+    real = cm._both
+    monkeypatch.setattr(cm, "_both", lambda *a, concurrent: calls.append(concurrent) or real(*a, concurrent=concurrent))
+    assert not gluon_fills_gpu(1, 128, 16, "cuda") and gluon_fills_gpu(64, 512, 16, "cuda")
     with torch.inference_mode():
         together, together_rc = bi(h), bi.forward_rc(h)
         monkeypatch.setattr(BiMambaWrapper, "concurrent_directions", False)
         apart, apart_rc = bi(h), bi.forward_rc(h)
+    assert calls == [True, True, False, False]
     assert torch.equal(together, apart) and torch.equal(together_rc, apart_rc)

@@ -103,6 +103,7 @@ from seqssm.layers.rcps import (
     to_strands,
 )
 from seqssm.ops.selective_scan import mixer_backend
+from seqssm.ops.selective_scan_triton import gluon_fills_gpu
 from seqssm.tokenizers.dna import COMPLEMENT_LUT, N, PAD, VOCAB_SIZE
 
 MODEL_TYPE = "caduceus"
@@ -316,8 +317,10 @@ class BiMambaWrapper(nn.Module):
             out = out + rev if self.bidirectional_strategy == "add" else out * rev
         return out
 
-    # On a GPU the two directions' conv + scan run side by side on two CUDA streams (_forward_fused): each
-    # scan alone leaves the GPU latency-bound (about two warps per scheduler at 8 x 131,072).
+    # On a GPU the two directions' conv + scan run side by side on two CUDA streams (_forward_fused) where
+    # one scan leaves the GPU short of work (batch 1 x 131,072 Caduceus-PS: 129.4 ms against 143.0 on one
+    # stream, H100); where one scan fills it, side by side was no faster (746.0 against 739.5 ms at 8 x
+    # 131,072), so they run in turn there.
     concurrent_directions: bool = True
 
     # Inference shares the tied projections between the directions (_forward_fused); False restores
@@ -343,8 +346,9 @@ class BiMambaWrapper(nn.Module):
         f, r = self.mamba_fwd, self.mamba_rev
         w_in, w_out, b_out = f.projections(flip_channels)
         xz = f.project_in(h, w_in)
-        y_f, y_r = _both(lambda: f.mix(xz, reverse=swap), lambda: r.mix(xz, reverse=not swap),
-                         concurrent=self.concurrent_directions and xz.is_cuda)
+        concurrent = (self.concurrent_directions and xz.is_cuda
+                      and not gluon_fills_gpu(xz.shape[0], f.d_inner, f.d_state, xz.device))
+        y_f, y_r = _both(lambda: f.mix(xz, reverse=swap), lambda: r.mix(xz, reverse=not swap), concurrent=concurrent)
         del xz
         if self.bidirectional_strategy == "add":
             out = f.project_out(y_f, w_out, None)

@@ -192,6 +192,17 @@ def _chunks(batch: int, dim: int, L: int, bd: int, device) -> int:
     return max(1, min(-(-want // programs), L // MIN_CHUNK))
 
 
+def gluon_fills_gpu(batch: int, dim: int, dstate: int, device) -> bool:
+    """Whether one Gluon scan of this shape fills the GPU, i.e. runs unchunked (see _gluon_chunks):
+    where it does not, a second scan can run beside it (BiMambaWrapper's two directions on two streams)."""
+    from seqssm.ops.selective_scan_gluon import STATES_PER_THREAD
+
+    NP = 1 << max(0, (dstate - 1).bit_length())
+    channels_per_warp = 32 // (NP // min(STATES_PER_THREAD, NP))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return batch * -(-dim // channels_per_warp) >= GLUON_UNCHUNKED_WARPS_PER_SM * sms
+
+
 def _gluon_chunks(warps: int, L: int, device) -> int:
     """The Gluon kernel's chunks: none from 2 one-warp programs per multiprocessor up (batch 8 x 512
     channels: 512 warps, fastest unchunked on the H100), else enough for about 8 (batch 1 x 512: 17;
