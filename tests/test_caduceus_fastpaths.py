@@ -294,6 +294,7 @@ def test_directions_on_two_streams_equal_one_stream(monkeypatch):
     for m in (bi.mamba_fwd, bi.mamba_rev):
         m.backend = "triton"
     h = torch.randn(1, 5000, 64, device="cuda")  # 128 channels: one scan leaves the GPU short of work
+    monkeypatch.setattr(BiMambaWrapper, "concurrent_min_length", 4096)  # (the default waits for 65,536)
     calls = []
     real = cm._both
     monkeypatch.setattr(cm, "_both", lambda *a, concurrent: calls.append(concurrent) or real(*a, concurrent=concurrent))

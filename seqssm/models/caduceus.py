@@ -320,8 +320,10 @@ class BiMambaWrapper(nn.Module):
     # On a GPU the two directions' conv + scan run side by side on two CUDA streams (_forward_fused) where
     # one scan leaves the GPU short of work (batch 1 x 131,072 Caduceus-PS: 129.4 ms against 143.0 on one
     # stream, H100); where one scan fills it, side by side was no faster (746.0 against 739.5 ms at 8 x
-    # 131,072), so they run in turn there.
+    # 131,072), so they run in turn there; and on short windows, where the streams' bookkeeping costs more
+    # than it hides (1 x 16,384: 44.3 ms against 39.9).
     concurrent_directions: bool = True
+    concurrent_min_length: int = 1 << 16
 
     # Inference shares the tied projections between the directions (_forward_fused); False restores
     # the two whole Mamba calls with flipped copies (the reference it is tested and benchmarked against).
@@ -346,7 +348,7 @@ class BiMambaWrapper(nn.Module):
         f, r = self.mamba_fwd, self.mamba_rev
         w_in, w_out, b_out = f.projections(flip_channels)
         xz = f.project_in(h, w_in)
-        concurrent = (self.concurrent_directions and xz.is_cuda
+        concurrent = (self.concurrent_directions and xz.is_cuda and xz.shape[-1] >= self.concurrent_min_length
                       and not gluon_fills_gpu(xz.shape[0], f.d_inner, f.d_state, xz.device))
         y_f, y_r = _both(lambda: f.mix(xz, reverse=swap), lambda: r.mix(xz, reverse=not swap), concurrent=concurrent)
         del xz
