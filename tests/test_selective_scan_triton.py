@@ -245,9 +245,9 @@ def test_dispatch_to_the_triton_scan_without_a_gpu(monkeypatch):
 
 
 def test_auto_inference_takes_the_gluon_kernel_even_with_mamba_ssm(monkeypatch):
-    """With no gradient needed, auto takes the Gluon kernel even where mamba-ssm's imports (level with it,
-    and it starts from an initial state); only the plain Triton kernel leaves it to mamba-ssm's (GPU
-    facts stubbed)."""
+    """With no gradient needed, auto takes the Gluon kernel even where mamba-ssm's imports, from 2 rows up
+    or from an initial state (which mamba-ssm's kernel cannot start from); a single row without one, or
+    only the plain Triton kernel, leaves it to mamba-ssm's (GPU facts stubbed)."""
     calls = []
     monkeypatch.setattr(ss, "_mamba_scan_kernel", lambda: object())
     monkeypatch.setattr(ss, "_resolve", lambda backend, *a, **k: "cuda" if backend == "auto" else backend)
@@ -256,54 +256,48 @@ def test_auto_inference_takes_the_gluon_kernel_even_with_mamba_ssm(monkeypatch):
     monkeypatch.setattr(ss, "_triton_suits", lambda *a: True)
     monkeypatch.setattr(ss, "_gluon_kernel", lambda: object())
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(1, 4, 9, generator=g), torch.rand(1, 4, 9, generator=g), -torch.rand(4, 16, generator=g),
-         torch.randn(1, 16, 9, generator=g), torch.randn(1, 16, 9, generator=g))
+
+    def inputs(rows):
+        return (torch.randn(rows, 4, 9, generator=g), torch.rand(rows, 4, 9, generator=g),
+                -torch.rand(4, 16, generator=g), torch.randn(rows, 16, 9, generator=g),
+                torch.randn(rows, 16, 9, generator=g))
+
+    one, two = inputs(1), inputs(2)
     h0 = torch.randn(1, 4, 16, generator=g)
-    assert selective_scan(*x) == "triton" and selective_scan(*x, initial_state=h0) == "triton"
-    assert selective_scan(*x, initial_state=h0, backend="cuda") == "cuda"  # an explicit backend is obeyed
+    assert selective_scan(*two) == "triton" and selective_scan(*one) == "cuda"
+    assert selective_scan(*one, initial_state=h0) == "triton"
+    assert selective_scan(*one, initial_state=h0, backend="cuda") == "cuda"  # an explicit backend is obeyed
     monkeypatch.setattr(ss, "_gluon_kernel", lambda: None)  # the plain Triton kernel is no faster than mamba-ssm's
-    assert selective_scan(*x, initial_state=h0) == "cuda"
-    assert calls == ["triton", "triton", "cuda", "cuda"]
+    assert selective_scan(*two) == "cuda" and selective_scan(*one, initial_state=h0) == "cuda"
+    assert calls == ["triton", "cuda", "triton", "cuda", "cuda", "cuda"]
 
 
 def test_mixer_backend(monkeypatch):
-    """What a Mamba mixer's call takes (stubbed GPU facts): Triton for CUDA inference under auto, with or
-    without mamba-ssm (but not its plain kernel against mamba-ssm's); with a gradient, scan_backend."""
+    """What a Mamba mixer's call takes (stubbed GPU facts): Triton for CUDA inference under auto without
+    mamba-ssm; with it, from 2 rows up (`rows` overrides the tensor's batch) and not with only the plain
+    kernel; with a gradient, scan_backend."""
     class FakeCuda:
         is_cuda = True
         device = torch.device("cpu")
 
-    t = FakeCuda()
+        def __init__(self, rows):
+            self.shape = (rows, 8, 100)
+
+    one, two = FakeCuda(1), FakeCuda(2)
     monkeypatch.setattr(ss, "triton_scan_available", lambda: True)
     monkeypatch.setattr(ss, "_gluon_kernel", lambda: object())
     for installed in ("cuda", "torch"):
         monkeypatch.setattr(ss, "scan_backend", lambda backend, tensor, i=installed: i if backend == "auto" else backend)
         with torch.no_grad():
-            assert ss.mixer_backend("auto", t) == "triton"
-            assert ss.mixer_backend("torch", t) == "torch" and ss.mixer_backend("triton", t) == "triton"
-        assert ss.mixer_backend("auto", t) == installed  # a gradient: no Triton (no backward)
+            assert ss.mixer_backend("auto", two) == "triton"
+            assert ss.mixer_backend("auto", one) == ("cuda" if installed == "cuda" else "triton")
+            assert ss.mixer_backend("auto", one, rows=2) == "triton"
+            assert ss.mixer_backend("torch", two) == "torch" and ss.mixer_backend("triton", one) == "triton"
+        assert ss.mixer_backend("auto", two) == installed  # a gradient: no Triton (no backward)
     monkeypatch.setattr(ss, "_gluon_kernel", lambda: None)
     with torch.no_grad():
-        assert ss.mixer_backend("auto", t) == "triton"  # without mamba-ssm (the stub above): the plain kernel
+        assert ss.mixer_backend("auto", two) == "triton"  # without mamba-ssm (the stub above): the plain kernel
         monkeypatch.setattr(ss, "scan_backend", lambda backend, tensor: "cuda")
-        assert ss.mixer_backend("auto", t) == "cuda"
-        assert ss.mixer_backend("auto", torch.zeros(1)) == "cuda"  # a CPU tensor
-def test_reverse_scan_dispatch(monkeypatch):
-    """reverse=True: the Triton kernel runs it in place where it suits; otherwise the scan of the
-    flipped inputs, flipped back (GPU facts stubbed; the kernel's own reverse: GPU tests above)."""
-    g = torch.Generator().manual_seed(3)
-    x = (torch.randn(2, 4, 9, generator=g), torch.rand(2, 4, 9, generator=g), -torch.rand(4, 16, generator=g),
-         torch.randn(2, 16, 9, generator=g), torch.randn(2, 16, 9, generator=g))
-    z = torch.randn(2, 4, 9, generator=g)
-    fl = [_flip(t) if t.dim() == 3 else t for t in x]
-    want, last = selective_scan_ref(*fl, z=_flip(z), return_last_state=True)
-    got, got_last = selective_scan(*x, z=z, return_last_state=True, reverse=True, backend="torch")
-    assert torch.allclose(got, _flip(want), rtol=1e-5, atol=1e-6) and torch.allclose(got_last, last, atol=1e-6)
-    calls = []
-    monkeypatch.setattr(ss, "selective_scan_triton", lambda *a, **k: calls.append(k["reverse"]) or "triton")
-    monkeypatch.setattr(ss, "_triton_suits", lambda *a: True)
-    assert selective_scan(*x, reverse=True) == "triton" and calls == [True]
-    assert torch.allclose(selective_scan(*x, z=z, reverse=True, backend="torch"), _flip(want), rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(ss, "_triton_suits", lambda *a: False)
-    with pytest.raises(ValueError, match="backend 'triton' needs"):
-        selective_scan(*x, reverse=True, backend="triton")
+        assert ss.mixer_backend("auto", two) == "cuda"
+        monkeypatch.setattr(ss, "_gluon_kernel", lambda: object())
+        assert ss.mixer_backend("auto", torch.zeros(2, 1)) == "cuda"  # a CPU tensor

@@ -18,9 +18,9 @@ makes a zero state, `step` advances it by one position (in place), and
 returns the state after it, so a chromosome can be run window by window with exact left context:
 forward over [w1, w2] == forward(w1) then forward(w2, state=state after w1).
 
-Backends: "auto" scans with seqssm's Triton (Gluon) kernel for inference (no gradient) on a GPU,
-which with the inference path around it is faster than mamba-ssm's at batch >= 2 and level at batch 1
-(ops.selective_scan.mixer_backend); with a gradient it uses the CUDA kernels of mamba-ssm /
+Backends: "auto" scans with seqssm's Triton (Gluon) kernel for inference (no gradient) on a GPU
+(ops.selective_scan.mixer_backend: where mamba-ssm is installed, from 2 rows up or from an initial
+state, where seqssm's path was the faster one); with a gradient it uses the CUDA kernels of mamba-ssm /
 causal-conv1d when the input is on a GPU and they are installed (imported on first use), the PyTorch
 implementations in seqssm.ops otherwise. The commands' --backend option sets them per model
 (configure_backend); "triton" forces that scan, "cuda" mamba-ssm's kernels.

@@ -118,7 +118,7 @@ class RCPSWrapper(nn.Module):
         if pieces and not in_pieces:
             return False
         mixer = getattr(sub, "mamba_fwd", None)
-        if mixer is None or mixer_backend(mixer.backend, x) != "triton":
+        if mixer is None or mixer_backend(mixer.backend, x, rows=2 * x.shape[0]) != "triton":
             return False
         # Both strands' mixer intermediates are then alive at once (8 x 131,072 bf16 tokens at d_inner
         # 512: peak 18.3 GiB instead of 10.7): only where the GPU has that memory to spare, twice over.

@@ -345,17 +345,23 @@ def scan_backend(backend: str, tensor: torch.Tensor) -> str:
     return _resolve(backend, tensor, _mamba_scan_kernel, "selective_scan")
 
 
-def mixer_backend(backend: str, tensor: torch.Tensor) -> str:
-    """The scan backend a Mamba mixer's call takes on tensors like `tensor` under the current grad mode:
-    "triton" for backend "triton", and for "auto" in inference (no gradient) on a CUDA device where the
-    Triton scan runs, either without mamba-ssm or with Triton's Gluon kernel, which with seqssm's
-    inference path (shared projections, strand-major RCPS) is faster than mamba-ssm's fused path at
-    batch >= 2 and level with it at batch 1 (docs/BENCHMARKS.md); else as scan_backend."""
+def mixer_backend(backend: str, tensor: torch.Tensor, rows: int | None = None) -> str:
+    """The scan backend a Mamba mixer's call takes on tensors like `tensor` under the current grad mode.
+
+    "triton" for backend "triton". For "auto" in inference (no gradient) on a CUDA device where the
+    Triton scan runs: "triton" without mamba-ssm; with it, "triton" where Triton has its Gluon kernel and
+    the scan has at least 2 rows (`rows`, default the tensor's batch). There, seqssm's inference path
+    (shared projections, strand-major RCPS) was faster than mamba-ssm's fused one at every Caduceus-PS
+    shape measured. A single row stays with mamba-ssm's kernel, whose scan alone is faster there (1.58
+    against 2.16 ms at 1 x 512 x 131,072, docs/BENCHMARKS.md). Otherwise as scan_backend."""
     if backend == "triton":
         return "triton"
     which = scan_backend(backend, tensor)
-    if (backend == "auto" and which != "triton" and tensor.is_cuda and not torch.is_grad_enabled()
-            and triton_scan_available() and (which == "torch" or _gluon_kernel() is not None)):
+    if backend != "auto" or which == "triton" or not tensor.is_cuda or torch.is_grad_enabled():
+        return which
+    if not triton_scan_available():
+        return which
+    if which == "torch" or (_gluon_kernel() is not None and (rows if rows is not None else tensor.shape[0]) >= 2):
         return "triton"
     return which
 
@@ -539,9 +545,9 @@ def selective_scan(
     backend "torch": selective_scan_torch; "cuda": mamba-ssm's kernel (tensors on a GPU, mamba-ssm
     installed; an initial state is added by linearity, see _scan_with_kernel; as in mamba-ssm, no
     gradient flows back from the returned last state); "auto": with no gradient needed on a CUDA
-    device, seqssm's own Triton kernel (seqssm.ops.selective_scan_triton), unless only its plain
-    (non-Gluon) kernel exists and mamba-ssm's imports; with a gradient, mamba-ssm's kernel where it
-    imports; else torch.
+    device, seqssm's own Triton kernel (seqssm.ops.selective_scan_triton), except where mamba-ssm's
+    imports and either only the plain (non-Gluon) Triton kernel exists or there is a single row and
+    no initial state; with a gradient, mamba-ssm's kernel where it imports; else torch.
     "triton": that Triton kernel (CUDA tensors, Triton installed, no gradient needed).
     """
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -564,9 +570,10 @@ def selective_scan(
         which = _resolve(backend, u, _mamba_scan_kernel, "selective_scan")
         if which == "torch" and backend == "auto" and _triton_suits(*args):
             which = "triton"
-        elif which == "cuda" and backend == "auto" and _gluon_kernel() is not None and _triton_suits(*args):
-            # inference: the Gluon kernel is level with mamba-ssm's (and starts from an initial state,
-            # which mamba-ssm's kernel adds afterwards by linearity); see mixer_backend
+        elif (which == "cuda" and backend == "auto" and _gluon_kernel() is not None and _triton_suits(*args)
+              and (u.shape[0] >= 2 or initial_state is not None)):
+            # inference: the Gluon kernel is level with mamba-ssm's from 2 rows up (mixer_backend), and it
+            # starts from an initial state, which mamba-ssm's kernel adds afterwards by linearity
             which = "triton"
     if which == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
