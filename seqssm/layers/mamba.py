@@ -201,10 +201,8 @@ class Mamba(nn.Module):
             raise ValueError("Mamba: empty sequence (length 0)")
         w_in, w_out, b_out = self.projections(flip_channels)
         xz = self.project_in(hidden_states, w_in)
-        A = -torch.exp(self.A_log.float())  # [d_inner, d_state]
-
         if state is None and not return_state and self.use_fast_path and mixer_backend(self.backend, xz) == "cuda":
-            fast = _mamba_inner(self, xz, A, w_out, b_out)
+            fast = _mamba_inner(self, xz, -torch.exp(self.A_log.float()), w_out, b_out)
             if fast is not None:
                 return fast
 
