@@ -301,3 +301,24 @@ def test_mixer_backend(monkeypatch):
         assert ss.mixer_backend("auto", two) == "cuda"
         monkeypatch.setattr(ss, "_gluon_kernel", lambda: object())
         assert ss.mixer_backend("auto", torch.zeros(2, 1)) == "cuda"  # a CPU tensor
+
+
+def test_reverse_scan_dispatch(monkeypatch):
+    """reverse=True: the Triton kernel runs it in place where it suits; otherwise the scan of the
+    flipped inputs, flipped back (GPU facts stubbed; the kernel's own reverse: GPU tests above)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 4, 9, generator=g), torch.rand(2, 4, 9, generator=g), -torch.rand(4, 16, generator=g),
+         torch.randn(2, 16, 9, generator=g), torch.randn(2, 16, 9, generator=g))
+    z = torch.randn(2, 4, 9, generator=g)
+    fl = [_flip(t) if t.dim() == 3 else t for t in x]
+    want, last = selective_scan_ref(*fl, z=_flip(z), return_last_state=True)
+    got, got_last = selective_scan(*x, z=z, return_last_state=True, reverse=True, backend="torch")
+    assert torch.allclose(got, _flip(want), rtol=1e-5, atol=1e-6) and torch.allclose(got_last, last, atol=1e-6)
+    calls = []
+    monkeypatch.setattr(ss, "selective_scan_triton", lambda *a, **k: calls.append(k["reverse"]) or "triton")
+    monkeypatch.setattr(ss, "_triton_suits", lambda *a: True)
+    assert selective_scan(*x, reverse=True) == "triton" and calls == [True]
+    assert torch.allclose(selective_scan(*x, z=z, reverse=True, backend="torch"), _flip(want), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(ss, "_triton_suits", lambda *a: False)
+    with pytest.raises(ValueError, match="backend 'triton' needs"):
+        selective_scan(*x, reverse=True, backend="triton")
