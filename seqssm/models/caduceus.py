@@ -365,6 +365,7 @@ class BiMambaWrapper(nn.Module):
 _SIDE_STREAMS: dict = {}
 
 
+@torch.compiler.disable  # streams and hand-written kernels: eager, a graph break under torch.compile
 def _both(first, second, *, concurrent: bool):
     """(first(), second()); with concurrent, second runs on a side CUDA stream while first runs on the
     current one (the current stream then waits for it). Its result is marked as used by the current

@@ -86,6 +86,9 @@ def fits_triton_norm(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     return _offsets_fit(x, *(t for t in (residual,) if t is not None))
 
 
+# Eager under torch.compile (a graph break), as models/hyena_lean.py: a traced hand-written Triton kernel
+# has failed under dynamo before, and this one is fused already.
+@torch.compiler.disable
 def add_norm_triton(x, residual, weight, bias, eps: float, rms: bool, res_dtype: torch.dtype,
                     store_residual: bool = True, swap_strands: bool = False):
     """(norm(x + residual) in x's dtype, x + residual in res_dtype) computed in float32; the norm is

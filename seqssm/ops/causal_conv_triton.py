@@ -76,6 +76,9 @@ def fits_triton_conv(x: torch.Tensor, weight: torch.Tensor, initial_states=None)
     return x.is_cuda and weight.is_cuda and _offsets_fit(x, *(t for t in (initial_states,) if t is not None))
 
 
+# Eager under torch.compile (a graph break), as models/hyena_lean.py: a traced hand-written Triton kernel
+# has failed under dynamo before, and this one is fused already.
+@torch.compiler.disable
 def causal_conv1d_triton(x, weight, bias=None, initial_states=None, activation=None, *, reverse: bool = False):
     """The convolution (arguments as causal_conv1d_ref, already checked) -> out [batch, dim, L] in x's
     dtype, contiguous. x may be any strided view; no autograd. reverse: the anti-causal convolution,

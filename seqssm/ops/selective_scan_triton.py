@@ -213,6 +213,9 @@ def _gluon_chunks(warps: int, L: int, device) -> int:
     return max(1, min(-(-GLUON_WARPS_PER_SM * sms // warps), L // MIN_CHUNK))
 
 
+# Eager under torch.compile (a graph break), as models/hyena_lean.py: a traced hand-written Triton kernel
+# has failed under dynamo before, and this one is fused already.
+@torch.compiler.disable
 def selective_scan_triton(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
     *, initial_state=None, reverse: bool = False, block_channels: int | None = None, chunks: int | None = None,
