@@ -171,7 +171,7 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
     if reverse:
         if initial_states is not None or return_final_states:
             raise ValueError("causal_conv1d: reverse=True takes no initial_states and returns no final states")
-        which = _resolve(backend, x, weight, "causal_conv1d")
+        _resolve(backend, x, weight, "causal_conv1d")  # the one-line error for a backend that cannot run here
         if backend == "auto" and _triton_suits(x, weight, bias, None):  # even where causal-conv1d is installed
             _check(x, weight, bias, None, activation)
             return causal_conv1d_triton(x, weight, bias, None, activation, reverse=True)
