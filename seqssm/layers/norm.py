@@ -71,6 +71,14 @@ def _affine(norm: nn.Module, flip_weight: bool):
     return w, b
 
 
+def residual_dtype(x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> torch.dtype:
+    """The new residual's dtype under the fused semantics: the old residual's, or for the first block
+    (no residual yet) float32 with residual_in_fp32, else x's."""
+    if residual is not None:
+        return residual.dtype
+    return torch.float32 if residual_in_fp32 else x.dtype
+
+
 def norm_float32(s: torch.Tensor, norm: nn.Module, flip_weight: bool = False) -> torch.Tensor:
     """norm applied in float32 to a float32 tensor (what the fused kernels compute)."""
     w, b = _affine(norm, flip_weight)
@@ -155,18 +163,14 @@ def add_norm(
         return fn(x, w, b, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32, eps=norm.eps)
     if fused and backend == "auto" and _triton_suits(x, residual, norm):
         w, b = _affine(norm, flip_weight)
-        res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
+        res_dtype = residual_dtype(x, residual, residual_in_fp32)
         out, new_residual = add_norm_triton(x, residual, w, b, norm.eps, isinstance(norm, RMSNorm), res_dtype,
                                             store_residual=prenorm)
         return (out, new_residual) if prenorm else out
     if fused:
         s = x.float() if residual is None else x.float() + residual.float()
         out = norm_float32(s, norm, flip_weight).to(x.dtype)
-        if residual is not None:
-            res_dtype = residual.dtype
-        else:
-            res_dtype = torch.float32 if residual_in_fp32 else x.dtype
-        new_residual = s.to(res_dtype)
+        new_residual = s.to(residual_dtype(x, residual, residual_in_fp32))
     else:
         new_residual = x if residual is None else x + residual
         out = norm(new_residual.to(norm.weight.dtype))

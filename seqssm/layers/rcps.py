@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqssm.layers.norm import RMSNorm, _affine, _triton_suits as _norm_triton_suits, add_norm, norm_float32
+from seqssm.layers.norm import (RMSNorm, _affine, _triton_suits as _norm_triton_suits, add_norm, norm_float32,
+                                residual_dtype)
 from seqssm.ops.add_norm_triton import add_norm_triton
 from seqssm.ops.selective_scan import mixer_backend
 
@@ -239,17 +240,16 @@ def strands_add_norm_ref(x, residual, norm, *, residual_in_fp32: bool, flip_weig
     s = x.float() if residual is None else x.float() + residual.float()
     B = s.shape[0] // 2
     s = torch.cat([s[B:], s[:B]], dim=0).flip(-2)
-    res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
-    return norm_float32(s, norm, flip_weight).to(x.dtype), s.to(res_dtype)
+    return norm_float32(s, norm, flip_weight).to(x.dtype), s.to(residual_dtype(x, residual, residual_in_fp32))
 
 
 def strands_add_norm(x, residual, norm, *, residual_in_fp32: bool, flip_weight: bool):
     """strands_add_norm_ref in one Triton pass where it runs (CUDA inference: the exchange and the length
     flip ride on the kernel's stores, ops.add_norm_triton(swap_strands=True)), else that torch twin."""
     if x.dim() == 3 and x.shape[0] % 2 == 0 and _norm_triton_suits(x, residual, norm):
-        res_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
         w, b = _affine(norm, flip_weight)
-        return add_norm_triton(x, residual, w, b, norm.eps, isinstance(norm, RMSNorm), res_dtype, swap_strands=True)
+        return add_norm_triton(x, residual, w, b, norm.eps, isinstance(norm, RMSNorm),
+                               residual_dtype(x, residual, residual_in_fp32), swap_strands=True)
     return strands_add_norm_ref(x, residual, norm, residual_in_fp32=residual_in_fp32, flip_weight=flip_weight)
 
 
