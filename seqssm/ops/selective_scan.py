@@ -353,7 +353,7 @@ def mixer_backend(backend: str, tensor: torch.Tensor, rows: int | None = None) -
     the scan has at least 2 rows (`rows`, default the tensor's batch). There, seqssm's inference path
     (shared projections, strand-major RCPS) was faster than mamba-ssm's fused one at every Caduceus-PS
     shape measured. A single row stays with mamba-ssm's kernel, whose scan alone is faster there (1.58
-    against 2.16 ms at 1 x 512 x 131,072, docs/BENCHMARKS.md). Otherwise as scan_backend."""
+    against 2.16 ms at 1 x 512 x 131,072 in session 13, docs/BENCHMARKS.md). Otherwise as scan_backend."""
     if backend == "triton":
         return "triton"
     which = scan_backend(backend, tensor)
